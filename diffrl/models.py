@@ -1,0 +1,123 @@
+"""load_pipeline: a diffusers Stable Diffusion pipeline from a hub id, a local folder, a single file, or a built-in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffrl.errors import UserInputError, unknown_name
+
+if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading a model needs them
+    from diffusers import StableDiffusionPipeline
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Stable Diffusion's architecture at toy size (32 px images, 16x16x4 latents), random weights, no download.
+
+    It exercises every code path of a real SD 1.x checkpoint (CLIP text encoder, cross-attention UNet, KL VAE, DDIM)
+    and samples a batch in a fraction of a second on a CPU; its images mean nothing.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffrl.tiny_tokenizer import build_tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8)
+    # Stable Diffusion v1's own scheduler configuration.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+BUILTIN_MODELS = {
+    "tiny": (build_tiny_pipeline, "SD-1.x architecture at toy size with random weights (32 px, for tests and demos)"),
+}
+
+
+def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  ) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline.
+
+    ``name_or_path`` is a built-in name (see ``BUILTIN_MODELS``), a local diffusers folder, a single-file checkpoint
+    (``.safetensors``/``.ckpt``), or a Hugging Face hub id (read from the local cache or downloaded). Only safetensors
+    weights are accepted from folders and the hub; a safety checker is never loaded.
+    """
+    path = Path(os.path.expanduser(name_or_path))
+    if name_or_path in BUILTIN_MODELS:
+        pipe = BUILTIN_MODELS[name_or_path][0]()
+    elif path.is_dir():
+        pipe = _from_pretrained(str(path), dtype)
+    elif path.suffix in SINGLE_FILE_SUFFIXES:
+        pipe = _from_single_file(path, dtype)
+    elif _looks_like_hub_id(name_or_path):
+        pipe = _from_pretrained(name_or_path, dtype)
+    else:
+        raise unknown_name("model", name_or_path, list(BUILTIN_MODELS) + ["<hub id>", "<local folder>",
+                                                                        "<file.safetensors>"])
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.unet.dtype != dtype:  # hub and local loads already arrive in ``dtype``
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            name_or_path, torch_dtype=dtype, use_safetensors=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UserInputError(_load_failure_sentence(name_or_path, error)) from error
+
+
+def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+    if not path.is_file():
+        raise UserInputError(f"model file {str(path)!r} does not exist")
+    if path.suffix == ".ckpt":
+        raise UserInputError(f"{path} is a pickled .ckpt checkpoint, which diffrl does not load because unpickling "
+                             "can run arbitrary code; convert it to .safetensors first")
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserInputError(_load_failure_sentence(str(path), error)) from error
+
+
+def _load_failure_sentence(name: str, error: Exception) -> str:
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"could not load model {name!r}: it is not a complete diffusers pipeline with safetensors weights in the "
+            f"local Hugging Face cache ({cache}, set by HF_HOME) and could not be downloaded ({first_line})")

@@ -1,0 +1,228 @@
+"""The Sampler protocol and SDSampler: DDIM over a diffusers Stable Diffusion pipeline, exposing the trajectory.
+
+SDSampler runs its own denoising loop over the pipeline's components (no copied pipeline ``__call__``) so that it can
+record every latent and per-step log-probability, build the autograd graph through only the last K steps, and recompute
+any step under the current weights. With eta = 0 and the same initial latents its images equal
+``pipe(..., eta=0)`` with a DDIMScheduler; with eta > 0 and the same generator they equal it too, because the random
+draws come in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from diffrl.errors import UserInputError
+from diffrl.gaussian import ddim_mean, ddim_std, gaussian_log_prob, x0_eps_from_model_output
+from diffrl.trajectory import Trajectory
+
+
+class Sampler(Protocol):
+    def sample(self, prompts: list[str], *, grad_last_k: int = 0, generator=None) -> Trajectory: ...
+    def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor: ...
+    def predict_noise(self, latents: Tensor, t: Tensor, prompt_embeds: Tensor, *, reference: bool = False
+                      ) -> Tensor: ...
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+
+@dataclass
+class DDIMStep:
+    """One transition x_t -> x_{t'} ~ N(mean, std² I)."""
+
+    prev_latents: Tensor   # x_{t'}
+    mean: Tensor           # μ
+    std: Tensor            # σ_t(η), broadcastable to the latents
+    noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models)
+
+
+class SDSampler:
+    """DDIM (eta in [0, 1]) with batched classifier-free guidance for SD 1.x/2.x pipelines.
+
+    The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private
+    DDIMScheduler, so the pipeline itself is not modified. Whatever adapters the UNet carries are used;
+    ``reference=True`` disables them to give the base model.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, num_steps: int = 50, guidance_scale: float = 7.5,
+                 eta: float = 1.0, resolution: int | None = None, *, negative_prompt: str = "",
+                 gradient_checkpointing: bool = True):
+        if not 0.0 <= eta <= 1.0:
+            raise UserInputError(f"eta must be in [0, 1], got {eta}")
+        if num_steps < 1:
+            raise UserInputError(f"num_steps must be at least 1, got {num_steps}")
+        self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
+        self.denoiser = pipe.unet  # what forward calls go through; the training loop may swap in a DDP wrapper
+        self.num_steps, self.guidance_scale, self.eta = num_steps, guidance_scale, eta
+        self.negative_prompt, self.gradient_checkpointing = negative_prompt, gradient_checkpointing
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if self.scheduler.config.thresholding:
+            raise UserInputError("dynamic thresholding is for pixel-space models; disable it in the scheduler config")
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.resolution = resolution or self.unet.config.sample_size * pipe.vae_scale_factor
+        if self.resolution % pipe.vae_scale_factor:
+            raise UserInputError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
+        self._set_schedule()
+
+    def _set_schedule(self) -> None:
+        device = self.unet.device
+        self.scheduler.set_timesteps(self.num_steps, device=device)
+        self.timesteps = self.scheduler.timesteps                       # [T] int64, like the pipeline's
+        # diffusers' DDIM rule for the next timestep, kept so that eta = 0 matches the pipeline exactly.
+        prev = self.timesteps.cpu() - self.scheduler.config.num_train_timesteps // self.num_steps
+        alphas_cumprod = self.scheduler.alphas_cumprod
+        self.alphas = alphas_cumprod[self.timesteps.cpu()].to(device)          # ᾱ_t   [T] float32
+        self.alphas_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)],
+                                       self.scheduler.final_alpha_cumprod).to(device)  # ᾱ_{t'} [T]
+        self.stds = ddim_std(self.alphas, self.alphas_prev, self.eta)          # σ_t(η) [T]
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    # -- conditioning ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        """Conditional and (with CFG) unconditional text embeddings, [B, L, D] each."""
+        cond, uncond = self.pipe.encode_prompt(
+            list(prompts), self.device, 1, self.do_cfg, negative_prompt=[self.negative_prompt] * len(prompts))
+        return cond, (uncond if self.do_cfg else None)
+
+    # -- one UNet evaluation --------------------------------------------------------------------------------------
+    def _guided_output(self, latents: Tensor, t: Tensor, prompt_embeds: Tensor, negative_prompt_embeds: Tensor | None,
+                       guidance_scale: float) -> Tensor:
+        """The model output (ε or v) with classifier-free guidance as ONE batched UNet call."""
+        if negative_prompt_embeds is None or guidance_scale <= 1.0:
+            return self.denoiser(latents, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        t_both = torch.cat([t, t]) if t.ndim == 1 else t
+        output = self.denoiser(torch.cat([latents, latents]), t_both,
+                               encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
+                               return_dict=False)[0]
+        uncond, cond = output.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def _model_output(self, latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale) -> Tensor:
+        args = (latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Recompute the UNet's activations in backward: memory per differentiable step is one latent.
+            return checkpoint(self._guided_output, *args, use_reentrant=False)
+        return self._guided_output(*args)
+
+    @contextlib.contextmanager
+    def _adapters(self, enabled: bool):
+        unet = self.unet
+        if enabled or not getattr(unet, "_hf_peft_config_loaded", False):
+            yield  # without adapters the model is its own reference
+            return
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+
+    def predict_noise(self, latents: Tensor, t: Tensor | int, prompt_embeds: Tensor, *,
+                      negative_prompt_embeds: Tensor | None = None, guidance_scale: float | None = None,
+                      reference: bool = False) -> Tensor:
+        """ε̂(x_t, t) at timestep value(s) t (0-dim or [B]); with CFG when negative_prompt_embeds are given.
+
+        ``reference=True`` runs the base model (LoRA adapters disabled). v-prediction outputs are converted to ε.
+        """
+        t = torch.as_tensor(t, device=latents.device)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        with self._adapters(enabled=not reference):
+            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, scale)
+        alpha_t = _broadcast(self.scheduler.alphas_cumprod.to(latents.device)[t], latents)
+        return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
+
+    # -- one DDIM transition --------------------------------------------------------------------------------------
+    def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
+             negative_prompt_embeds: Tensor | None = None, *, generator=None, reference: bool = False) -> DDIMStep:
+        """The DDIM transition from step index i (an int, or a [B] tensor of per-sample indices)."""
+        if torch.is_tensor(i):
+            i = i.to(self.timesteps.device)
+        t = self.timesteps[i]
+        alpha_t, alpha_prev = _broadcast(self.alphas[i], latents), _broadcast(self.alphas_prev[i], latents)
+        std = _broadcast(self.stds[i], latents)
+        with self._adapters(enabled=not reference):
+            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, self.guidance_scale)
+        x0, eps = x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)
+        if self.scheduler.config.clip_sample:
+            limit = self.scheduler.config.clip_sample_range
+            x0 = x0.clamp(-limit, limit)
+        mean = ddim_mean(x0, eps, alpha_prev, std)
+        if self.eta == 0:
+            return DDIMStep(mean, mean, std, eps)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return DDIMStep(mean + std * noise, mean, std, eps)
+
+    # -- whole trajectories ---------------------------------------------------------------------------------------
+    def initial_latents(self, batch_size: int, generator=None) -> Tensor:
+        size = self.resolution // self.pipe.vae_scale_factor
+        shape = (batch_size, self.unet.config.in_channels, size, size)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def sample(self, prompts: list[str], *, grad_last_k: int = 0, generator=None,
+               initial_latents: Tensor | None = None) -> Trajectory:
+        """Sample a batch; the graph runs through the last ``grad_last_k`` UNet calls and the VAE decode only."""
+        if not 0 <= grad_last_k <= self.num_steps:
+            raise ValueError(f"grad_last_k must be in [0, {self.num_steps}], got {grad_last_k}")
+        prompt_embeds, negative_prompt_embeds = self.encode_prompts(prompts)
+        latents = (self.initial_latents(len(prompts), generator) if initial_latents is None
+                   else initial_latents.to(self.device, self.unet.dtype))
+        first_grad_step = self.num_steps - grad_last_k
+        all_latents, log_probs, noise_preds = [latents], [], []
+        for i in range(self.num_steps):
+            differentiable = i >= first_grad_step
+            with torch.enable_grad() if differentiable else torch.no_grad():
+                step = self.step(latents.detach() if i == first_grad_step else latents, i, prompt_embeds,
+                                 negative_prompt_embeds, generator=generator)
+            latents = step.prev_latents
+            all_latents.append(latents.detach())
+            if self.eta > 0:
+                log_probs.append(gaussian_log_prob(latents.detach(), step.mean.detach(), step.std))
+            if differentiable:
+                noise_preds.append(step.noise_pred)
+        with torch.enable_grad() if grad_last_k else torch.no_grad():
+            images = self.decode(latents)
+        return Trajectory(
+            prompts=list(prompts), prompt_embeds=prompt_embeds, latents=torch.stack(all_latents, dim=1),
+            timesteps=self.timesteps, log_probs=torch.stack(log_probs, dim=1) if log_probs else None, images=images,
+            negative_prompt_embeds=negative_prompt_embeds,
+            noise_preds=torch.stack(noise_preds, dim=1) if noise_preds else None)
+
+    def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor:
+        """[B] float32 log p(latents[:, i+1] | latents[:, i]) under the current weights, with grad."""
+        if self.eta == 0:
+            raise ValueError("log_prob needs a stochastic sampler (eta > 0); with eta = 0 the step is deterministic")
+        rows = torch.arange(len(traj), device=traj.latents.device)
+        latents, next_latents = traj.latents[rows, i], traj.latents[rows, i + 1]
+        step = self.step(latents, i, traj.prompt_embeds, traj.negative_prompt_embeds)
+        return gaussian_log_prob(next_latents, step.mean, step.std)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1], float32, differentiable (checkpointed VAE decode when building a graph)."""
+        latents = latents / self.vae.config.scaling_factor
+        if self.gradient_checkpointing and torch.is_grad_enabled() and latents.requires_grad:
+            images = checkpoint(self._vae_decode, latents, use_reentrant=False)
+        else:
+            images = self._vae_decode(latents)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae_decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def _broadcast(values: Tensor, like: Tensor) -> Tensor:
+    """A 0-dim coefficient stays 0-dim (as in diffusers); a per-sample [B] one becomes [B, 1, 1, 1]."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim == 1 else values

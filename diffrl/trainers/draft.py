@@ -1,0 +1,128 @@
+"""DRaFT: Directly Fine-Tuning Diffusion Models on Differentiable Rewards.
+
+Clark, Vicol, Swersky, Fleet. ICLR 2024, arXiv 2309.17400 (Algorithm 1: DRaFT, DRaFT-K, DRaFT-LV), with the
+randomised truncation of AlignProp (Prabhudesai et al., arXiv 2310.03739) and the ε-KL penalty of DRaFT+.
+
+    1. Sample x_T ~ N(0, I) and run the deterministic sampler (DDIM, η = 0 in the paper) down to x_0.
+       DRaFT-K: the first T − K steps run without grad; x_K is detached; the last K UNet calls and the VAE decode
+       build the graph (gradient checkpointing per UNet call). K = T is full DRaFT.
+    2. Loss = −mean r(decode(x_0), prompt)                                         (Alg. 1, line "g ← ∇θ r")
+       DRaFT-LV (K = 1): x_0 from a no-grad trajectory is re-noised n times to the last timestep,
+       x = √ᾱ x_0 + √(1−ᾱ) ε, and each copy is denoised one step with grad; loss = −Σ_n mean r.
+    3. DRaFT+ adds kl_coeff · mean‖ε_θ − ε_ref‖² over the differentiable steps (ε_ref: LoRA adapter off).
+    4. One optimiser step (AdamW on the LoRA parameters; accumulation and clipping by the shared loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from diffrl.errors import UserInputError
+from diffrl.optimization import metrics_to_floats
+from rewards import Reward, score
+
+if TYPE_CHECKING:  # the config class must import without diffusers (config parsing, `diffrl list`)
+    from diffrl.optimization import Optimization
+    from diffrl.sampler import SDSampler
+
+PAPER_STEPS = 50  # AlignProp's truncation settings are given on a 50-step schedule; rescaled to num_steps
+
+
+@dataclass
+class DraftConfig:
+    k: int = 1                    # differentiable last steps K; K = num_steps is full DRaFT (DRaFT paper: K=1)
+    lv_samples: int = 0           # DRaFT-LV re-noised copies n of x0 (paper: n=2); 0 = off; needs k = 1
+    truncation: Literal["fixed", "uniform", "gaussian"] = "fixed"  # fixed: K = k; else AlignProp's random start
+    truncation_min: int = 35      # uniform: first differentiable step drawn from [min, max] of 50 (AlignProp: 35, 45)
+    truncation_max: int = 45      # uniform: upper end of that range, on a 50-step scale (AlignProp)
+    truncation_mean: float = 42.0  # gaussian: mean first differentiable step, on a 50-step scale
+    truncation_std: float = 5.0   # gaussian: its standard deviation, on a 50-step scale
+    kl_coeff: float = 0.0         # DRaFT+ weight of mean((ε_θ − ε_ref)²) over the differentiable steps; 0 = off
+    seed: int = 0                 # seed of the trainer's own random draws (truncation K, DRaFT-LV noise)
+
+
+class DraftTrainer:
+    """DRaFT-K / DRaFT-LV / AlignProp truncation / DRaFT+ on a differentiable reward."""
+
+    def __init__(self, config: DraftConfig, sampler: SDSampler, reward: Reward, optimization: Optimization):
+        if not getattr(reward, "differentiable", False):
+            raise UserInputError(
+                f"DRaFT backpropagates through the reward, but {type(reward).__name__} is not differentiable; "
+                "use a differentiable reward or a policy-gradient trainer")
+        if not 1 <= config.k <= sampler.num_steps:
+            raise UserInputError(f"draft.k must be in [1, sample.num_steps={sampler.num_steps}], got {config.k}")
+        if config.lv_samples and (config.k != 1 or config.truncation != "fixed"):
+            raise UserInputError("draft.lv_samples (DRaFT-LV) needs draft.k = 1 and draft.truncation = fixed")
+        if config.lv_samples < 0 or config.kl_coeff < 0:
+            raise UserInputError("draft.lv_samples and draft.kl_coeff must be non-negative")
+        self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def step(self, prompts: list[str]) -> dict[str, float]:
+        with self.optimization.accumulate():
+            if self.config.lv_samples:
+                loss, rewards, components, k = *self._lv_loss(prompts), 1
+                kl = None
+            else:
+                k = self.num_grad_steps()
+                traj = self.sampler.sample(prompts, grad_last_k=k)
+                rewards, components = score(self.reward, traj.images, prompts)
+                loss = -rewards.mean()                                            # step 2
+                kl = self._eps_kl(traj, k) if self.config.kl_coeff else None
+                if kl is not None:
+                    loss = loss + self.config.kl_coeff * kl                       # step 3
+            grad_norm = self.optimization.step(loss)                               # step 4
+        metrics = {"loss": loss.detach(), "reward_mean": rewards.detach().mean(), "reward_std": rewards.detach().std(),
+                   "k": float(k), **{f"reward/{name}": value.detach().mean() for name, value in components.items()}}
+        if kl is not None:
+            metrics["kl"] = kl.detach()
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics_to_floats(metrics)
+
+    def num_grad_steps(self) -> int:
+        """K for this step: fixed, or T − s with AlignProp's random first differentiable step s."""
+        config, T = self.config, self.sampler.num_steps
+        if config.truncation == "fixed":
+            return config.k
+        if config.truncation == "uniform":
+            start = torch.randint(config.truncation_min, config.truncation_max + 1, (), generator=self.generator)
+        else:
+            start = config.truncation_mean + config.truncation_std * torch.randn((), generator=self.generator)
+        start_step = round(float(start) * T / PAPER_STEPS)
+        return min(max(T - start_step, 1), T)
+
+    def _lv_loss(self, prompts: list[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """DRaFT-LV: n re-noised copies of x_0 denoised by the last step with grad, batched into one UNet call."""
+        n, last = self.config.lv_samples, self.sampler.num_steps - 1
+        with torch.no_grad():
+            traj = self.sampler.sample(prompts)
+        x0 = traj.latents[:, -1].repeat(n, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=self.generator).to(x0)
+        alpha = self.sampler.alphas[last]
+        noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        negative = None if traj.negative_prompt_embeds is None else traj.negative_prompt_embeds.repeat(n, 1, 1)
+        step = self.sampler.step(noisy, last, traj.prompt_embeds.repeat(n, 1, 1), negative)
+        copies = list(prompts) * n
+        rewards, components = score(self.reward, self.sampler.decode(step.prev_latents), copies)
+        return -rewards.mean() * n, rewards, components   # −Σ_n mean_b r: the mean over n·B copies, times n
+
+    def _eps_kl(self, traj, k: int) -> Tensor:
+        """mean‖ε_θ − ε_ref‖² over the k differentiable steps (ε_θ carries grad from sampling)."""
+        first = self.sampler.num_steps - k
+        with torch.no_grad():
+            reference = torch.stack([
+                self.sampler.predict_noise(traj.latents[:, i], traj.timesteps[i], traj.prompt_embeds,
+                                           negative_prompt_embeds=traj.negative_prompt_embeds, reference=True)
+                for i in range(first, self.sampler.num_steps)], dim=1)
+        return ((traj.noise_preds.float() - reference.float()) ** 2).mean()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,219 @@
+"""train(): the one loop every trainer shares: setup on accelerate, logging, grids, NaN guard, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from diffrl.checkpoint import (TrainingState, checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints,
+                               save_checkpoint)
+from diffrl.config import Config, save_config
+from diffrl.errors import NonFiniteError, UserInputError
+from diffrl.grids import image_grid, save_image_atomic
+from diffrl.lora import add_lora
+from diffrl.models import load_pipeline
+from diffrl.optimization import Optimization
+from diffrl.sampler import SDSampler
+from diffrl.trainers import TRAINERS
+from rewards import load_reward
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    first_metrics: dict | None
+    last_metrics: dict | None
+    last_checkpoint: Path | None
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"prompt file {str(path)!r} does not exist; give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserInputError(f"prompt file {str(path)!r} holds no prompts")
+    return prompts
+
+
+def prompts_for_step(prompts: list[str], step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+                     ) -> list[str]:
+    """The prompts of one process at one step: epochs of seeded permutations, a pure function of the step.
+
+    Because the order depends only on (seed, step), a resumed run sees exactly the prompts it would have seen.
+    """
+    global_batch = batch_size * world_size
+    start = step * global_batch + rank * batch_size
+    chosen = []
+    for position in range(start, start + batch_size):
+        epoch, index = divmod(position, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        chosen.append(prompts[order[index]])
+    return chosen
+
+
+@dataclass
+class Run:
+    """Everything built from a config, before the loop starts."""
+
+    config: Config
+    accelerator: Accelerator
+    pipe: object
+    sampler: SDSampler
+    reward: object
+    trainer: object
+    state: TrainingState
+    prompts: list[str]
+
+
+def build_run(config: Config, output_dir: Path) -> Run:
+    """Model, LoRA, reward, sampler, optimiser and trainer from the config, on accelerate."""
+    train_config = config.train
+    accelerator = Accelerator(
+        mixed_precision=train_config.mixed_precision,
+        gradient_accumulation_steps=train_config.gradient_accumulation_steps,
+        log_with=None if config.log.tracker == "none" else config.log.tracker, project_dir=str(output_dir))
+    set_seed(train_config.seed)
+    prompts = load_prompts(config.prompts)
+    config_class, trainer_class = TRAINERS[config.trainer]
+    reward = load_reward(config.reward)
+    if isinstance(reward, torch.nn.Module):
+        reward.requires_grad_(False).eval().to(accelerator.device)
+    pipe = load_pipeline(config.model, dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
+    for frozen in (pipe.vae, pipe.text_encoder):
+        frozen.requires_grad_(False)
+    params = add_lora(pipe.unet, train_config.lora_rank, train_config.lora_alpha, train_config.lora_target_modules)
+    sample = config.sample
+    sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
+                        negative_prompt=sample.negative_prompt,
+                        gradient_checkpointing=train_config.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
+                                  betas=(train_config.adam_beta1, train_config.adam_beta2),
+                                  eps=train_config.adam_epsilon)
+    lr_scheduler = get_scheduler(
+        train_config.lr_scheduler, optimizer,
+        num_warmup_steps=train_config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max(train_config.steps, 1) * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    sampler.denoiser = unet
+    optimization = Optimization(accelerator, unet, optimizer, lr_scheduler, params, train_config.max_grad_norm)
+    trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization)
+    return Run(config, accelerator, pipe, sampler, reward, trainer, TrainingState(optimizer, lr_scheduler, trainer),
+               prompts)
+
+
+def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> RunResult:
+    """Fine-tune per ``config``; writes the run folder of DESIGN.md §3.2 into ``output_dir``."""
+    output_dir = Path(output_dir)
+    existing = list_checkpoints(output_dir)
+    if existing and not resume:
+        raise UserInputError(f"{output_dir} already holds checkpoints ({existing[-1].name}); pass --resume to "
+                             "continue that run or choose another --output-dir")
+    run = build_run(config, output_dir)
+    start = load_checkpoint(existing[-1], run.pipe.unet, run.state) if resume and existing else 0
+    main = run.accelerator.is_main_process
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+        if config.log.tracker != "none":
+            run.accelerator.init_trackers("diffrl")
+        if start == 0:
+            write_grid(run, output_dir, 0)
+    result = _loop(run, output_dir, start, quiet or not main)
+    run.accelerator.end_training()
+    return result
+
+
+def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
+    config, accelerator = run.config, run.accelerator
+    steps, log = config.train.steps, config.log
+    first = last = None
+    last_checkpoint = (list_checkpoints(output_dir) or [None])[-1]
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=quiet, desc="train", dynamic_ncols=True)
+    for step in bar:
+        prompts = prompts_for_step(run.prompts, step, config.sample.batch_size, config.train.seed,
+                                   accelerator.process_index, accelerator.num_processes)
+        with accelerator.autocast():
+            metrics = run.trainer.step(prompts)
+        metrics = _mean_over_processes(accelerator, metrics)
+        done = step + 1
+        _check_finite(metrics, done, last_checkpoint)
+        metrics = {"step": done, **metrics, "lr": run.state.lr_scheduler.get_last_lr()[0]}
+        first, last = first or metrics, metrics
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.4g}")
+        if accelerator.is_main_process and (done % log.every == 0 or done == steps):
+            _append_metrics(output_dir / "metrics.jsonl", metrics)
+            accelerator.log(metrics, step=done)
+        if done % log.grid_every == 0 or done == steps:
+            write_grid(run, output_dir, done)
+        if done % log.checkpoint_every == 0 or done == steps:
+            last_checkpoint = _save(run, output_dir, done)
+    return RunResult(output_dir, steps, first, last, last_checkpoint)
+
+
+def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return metrics
+    values = torch.tensor(list(metrics.values()), device=accelerator.device)
+    return dict(zip(metrics, accelerator.reduce(values, reduction="mean").tolist()))
+
+
+def _check_finite(metrics: dict[str, float], step: int, last_checkpoint: Path | None) -> None:
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        raise NonFiniteError(f"step {step}: {', '.join(bad)} became non-finite; stopping the run ({kept})")
+
+
+def _append_metrics(path: Path, metrics: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(metrics) + "\n")
+
+
+def _save(run: Run, output_dir: Path, step: int) -> Path:
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    path = output_dir / "checkpoints" / checkpoint_name(step)
+    if accelerator.is_main_process:
+        save_checkpoint(output_dir, step, accelerator.unwrap_model(run.pipe.unet), run.state)
+        prune_checkpoints(output_dir, run.config.log.keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
+@torch.no_grad()
+def write_grid(run: Run, output_dir: Path, step: int) -> Path | None:
+    """Fixed prompts x fixed seeds, captioned with prompt and reward; identical initial noise at every step."""
+    if not run.accelerator.is_main_process:
+        return None
+    prompts = run.prompts[: run.config.log.grid_prompts]
+    images, captions = [], []
+    for prompt in prompts:
+        seeds = run.config.log.grid_seeds
+        latents = torch.cat([run.sampler.initial_latents(1, torch.Generator(run.sampler.device).manual_seed(seed))
+                             for seed in seeds])
+        with run.accelerator.autocast():
+            traj = run.sampler.sample([prompt] * len(seeds), initial_latents=latents,
+                                      generator=torch.Generator(run.sampler.device).manual_seed(seeds[0]))
+            rewards = run.reward(traj.images, traj.prompts).float().tolist()
+        images.append(traj.images)
+        captions += [f"{prompt} | seed {seed} | r={value:.3g}" for seed, value in zip(seeds, rewards)]
+    grid = image_grid(torch.cat(images), captions, columns=len(run.config.log.grid_seeds),
+                      title=f"{run.config.model} step {step}")
+    path = output_dir / "grids" / f"{checkpoint_name(step)}.png"
+    save_image_atomic(grid, path)
+    return path
+
+
+
