@@ -23,7 +23,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     It exercises every code path of a real SD 1.x checkpoint (CLIP text encoder, cross-attention UNet, KL VAE, DDIM)
     and samples a batch in a fraction of a second on a CPU; its images mean nothing.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffrl.tiny_tokenizer import build_tiny_tokenizer
@@ -45,7 +45,46 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             layers_per_block=1, norm_num_groups=8)
-    # Stable Diffusion v1's own scheduler configuration.
+    return _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer)
+
+
+def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's exact architecture (512 px, 64x64x4 latents) with random weights, no download.
+
+    UNet and VAE use SD 1.5's configs, the text encoder CLIP ViT-L/14's text config; only the vocabulary is the tiny
+    offline tokenizer's, since the real one cannot be downloaded. About 1.1 B parameters (~4.3 GB in float32), built
+    in float32; it is for speed and memory benchmarks, and its images mean nothing.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffrl.tiny_tokenizer import build_tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            sample_size=512, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2)
+    return _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer)
+
+
+def _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
+    """A pipeline around built components, with Stable Diffusion v1's own DDIM scheduler configuration."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -56,6 +95,8 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 BUILTIN_MODELS = {
     "tiny": (build_tiny_pipeline, "SD-1.x architecture at toy size with random weights (32 px, for tests and demos)"),
+    "sd15-random": (build_sd15_random_pipeline,
+                    "SD 1.5 architecture with random weights (benchmarks; ~1.1 B params, no download)"),
 }
 
 

@@ -197,19 +197,17 @@ def write_grid(run: Run, output_dir: Path, step: int) -> Path | None:
     """Fixed prompts x fixed seeds, captioned with prompt and reward; identical initial noise at every step."""
     if not run.accelerator.is_main_process:
         return None
-    prompts = run.prompts[: run.config.log.grid_prompts]
-    images, captions = [], []
-    for prompt in prompts:
-        seeds = run.config.log.grid_seeds
-        latents = torch.cat([run.sampler.initial_latents(1, torch.Generator(run.sampler.device).manual_seed(seed))
-                             for seed in seeds])
-        with run.accelerator.autocast():
-            traj = run.sampler.sample([prompt] * len(seeds), initial_latents=latents,
-                                      generator=torch.Generator(run.sampler.device).manual_seed(seeds[0]))
-            rewards = run.reward(traj.images, traj.prompts).float().tolist()
-        images.append(traj.images)
-        captions += [f"{prompt} | seed {seed} | r={value:.3g}" for seed, value in zip(seeds, rewards)]
-    grid = image_grid(torch.cat(images), captions, columns=len(run.config.log.grid_seeds),
+    seeds = run.config.log.grid_seeds
+    prompts = [prompt for prompt in run.prompts[: run.config.log.grid_prompts] for _ in seeds]
+    latents = torch.cat([run.sampler.initial_latents(1, torch.Generator(run.sampler.device).manual_seed(seed))
+                         for seed in seeds] * (len(prompts) // len(seeds)))
+    with run.accelerator.autocast():
+        traj = run.sampler.sample(prompts, initial_latents=latents,
+                                  generator=torch.Generator(run.sampler.device).manual_seed(seeds[0]))
+        rewards = run.reward(traj.images, prompts).float().tolist()
+    captions = [f"{prompt} | seed {seed} | r={value:.3g}"
+                for prompt, seed, value in zip(prompts, seeds * len(prompts), rewards)]
+    grid = image_grid(traj.images, captions, columns=len(run.config.log.grid_seeds),
                       title=f"{run.config.model} step {step}")
     path = output_dir / "grids" / f"{checkpoint_name(step)}.png"
     save_image_atomic(grid, path)

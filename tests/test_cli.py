@@ -1,0 +1,66 @@
+"""The real command line in a subprocess, and every user mistake giving status 2 and one sentence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffrl.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "assets" / "configs" / "tiny-draft.yaml")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffrl.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_smoke_in_a_subprocess(tmp_path):
+    done = _cli("train", DEMO, "train.steps=2", "sample.num_steps=2", "log.grid_prompts=1", "--quiet",
+                "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "metrics:" in done.stdout and "pytorch_lora_weights.safetensors" in done.stdout
+    assert "reward_mean: step 1" in done.stdout
+    assert (tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_list_in_a_subprocess():
+    done = _cli("list")
+    assert done.returncode == 0
+    for name in ("draft", "brightness", "compressibility", "tiny"):
+        assert name in done.stdout
+
+
+def test_user_error_in_a_subprocess_has_no_traceback():
+    done = _cli("train", DEMO, "trainer=nope")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "valid trainers: draft" in done.stderr
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "broken.yaml").write_text("model: tiny\nsample: {num_steps: 3\n")
+    (tmp_path / "no_prompts.yaml").write_text(f"prompts: {tmp_path / 'nowhere.txt'}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([DEMO, "trainer=nope"], "unknown trainer 'nope'; valid trainers: draft"),
+    ([DEMO, "reward=nope"], "valid rewards:"),
+    ([DEMO, "sample.num_step=3"], "unknown config key 'sample.num_step'"),
+    (["{tmp}/no_prompts.yaml"], "prompt file"),
+    (["{tmp}/broken.yaml"], "broken.yaml"),
+    (["{tmp}/absent.yaml"], "absent.yaml"),
+    ([DEMO, "reward=compressibility"], "not differentiable"),
+    ([DEMO, "--resume"], "--output-dir"),
+])
+def test_bad_input_exits_2_with_one_sentence(args, expected, bad_files, capsys):
+    code = main(["train", *[arg.format(tmp=bad_files) for arg in args], "--quiet",
+                 *([] if "--resume" in args else ["--output-dir", str(bad_files / "run")])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert expected in err and err.startswith("diffrl: error:") and len(err.splitlines()) == 1

@@ -1,0 +1,104 @@
+"""The shared loop: run folder layout, prompt schedule, exact resume, atomic checkpoints, NaN guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from diffrl.checkpoint import list_checkpoints
+from diffrl.errors import NonFiniteError, UserInputError
+from diffrl.models import build_tiny_pipeline
+from diffrl.training import load_prompts, prompts_for_step, train
+from tests.fixtures import fast_config
+
+SHORT = ["train.steps=3", "log.checkpoint_every=2", "log.grid_every=2", "sample.num_steps=2", "sample.batch_size=2"]
+
+
+def test_prompt_schedule_covers_every_prompt_each_epoch_and_splits_processes():
+    prompts = [f"p{i}" for i in range(6)]
+    epoch = sum((prompts_for_step(prompts, step, 2, seed=3) for step in range(3)), [])
+    assert sorted(epoch) == prompts
+    assert prompts_for_step(prompts, 1, 2, seed=3) == prompts_for_step(prompts, 1, 2, seed=3)
+    assert epoch != sum((prompts_for_step(prompts, step, 2, seed=4) for step in range(3)), [])
+    ranks = [prompts_for_step(prompts, 0, 3, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == prompts
+    assert len(prompts_for_step(["only"], 5, 4, seed=0)) == 4  # fewer prompts than the batch: repeats
+
+
+def test_run_folder_layout(tmp_path):
+    result = train(fast_config(*SHORT), tmp_path, quiet=True)
+    assert (tmp_path / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert {"reward_mean", "loss", "lr"} <= rows[0].keys()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+    assert result.last_checkpoint == tmp_path / "checkpoints" / "step-000003"
+    for name in ("step-000000", "step-000002", "step-000003"):
+        assert Image.open(tmp_path / "grids" / f"{name}.png").size[0] >= 2 * 128
+    plain = build_tiny_pipeline()
+    plain.load_lora_weights(tmp_path / "checkpoints" / "step-000003")  # loads in plain diffusers
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    overrides = [*SHORT, "train.steps=4", "draft.truncation=uniform", "draft.truncation_min=48",
+                 "draft.truncation_max=50", "train.learning_rate=1.0e-2"]
+    train(fast_config(*overrides), tmp_path / "straight", quiet=True)
+    train(fast_config(*overrides, "train.steps=2"), tmp_path / "resumed", quiet=True)
+    train(fast_config(*overrides), tmp_path / "resumed", quiet=True, resume=True)
+    straight = tmp_path / "straight" / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors"
+    resumed = tmp_path / "resumed" / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    train(fast_config(*SHORT, "train.steps=2"), tmp_path, quiet=True)
+    with pytest.raises(UserInputError, match="--resume"):
+        train(fast_config(*SHORT), tmp_path, quiet=True)
+
+
+def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = fast_config(*SHORT, "train.steps=5", "log.checkpoint_every=1",
+                         "reward=tests.fixtures:NanAfterTwoCalls")
+    with pytest.raises(NonFiniteError, match="step 2") as error:  # call 1: step-0 grid, call 2: step 1
+        train(config, tmp_path, quiet=True)
+    assert "reward_mean" in str(error.value) and "step-000001" in str(error.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import diffrl.checkpoint as checkpoint
+
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if "step-000002" in str(path) and str(path).endswith("trainer.pt"):
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(fast_config(*SHORT, "log.checkpoint_every=1"), tmp_path, quiet=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
+    assert not (tmp_path / "checkpoints" / "step-000002").exists()
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    train(fast_config(*SHORT, "train.steps=4", "log.checkpoint_every=1", "log.keep_last=2"), tmp_path, quiet=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+
+
+def test_prompt_file_errors(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        load_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(UserInputError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
