@@ -52,8 +52,8 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """Stable Diffusion 1.5's exact architecture (512 px, 64x64x4 latents) with random weights, no download.
 
     UNet and VAE use SD 1.5's configs, the text encoder CLIP ViT-L/14's text config; only the vocabulary is the tiny
-    offline tokenizer's, since the real one cannot be downloaded. About 1.1 B parameters (~4.3 GB in float32), built
-    in float32; it is for speed and memory benchmarks, and its images mean nothing.
+    offline tokenizer's, since the real one cannot be downloaded, so it has 1.03 B parameters (SD 1.5: 1.07 B; 4.1 GB
+    in float32). Built in float32; it is for speed and memory benchmarks, and its images mean nothing.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -96,7 +96,7 @@ def _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusio
 BUILTIN_MODELS = {
     "tiny": (build_tiny_pipeline, "SD-1.x architecture at toy size with random weights (32 px, for tests and demos)"),
     "sd15-random": (build_sd15_random_pipeline,
-                    "SD 1.5 architecture with random weights (benchmarks; ~1.1 B params, no download)"),
+                    "SD 1.5 architecture with random weights (benchmarks; ~1.0 B params, no download)"),
 }
 
 

@@ -76,7 +76,7 @@ class DraftTrainer:
                 if kl is not None:
                     loss = loss + self.config.kl_coeff * kl                       # step 3
             grad_norm = self.optimization.step(loss)                               # step 4
-        metrics = {"loss": loss.detach(), "reward_mean": rewards.detach().mean(), "reward_std": rewards.detach().std(),
+        metrics = {"loss": loss.detach(), "reward_mean": rewards.detach().mean(), "reward_std": rewards.detach().std(correction=0),
                    "k": float(k), **{f"reward/{name}": value.detach().mean() for name, value in components.items()}}
         if kl is not None:
             metrics["kl"] = kl.detach()
