@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -80,7 +81,7 @@ class Run:
 def build_run(config: Config, output_dir: Path) -> Run:
     """Model, LoRA, reward, sampler, optimiser and trainer from the config, on accelerate."""
     train_config = config.train
-    accelerator = Accelerator(
+    accelerator = _fresh_accelerator(
         mixed_precision=train_config.mixed_precision,
         gradient_accumulation_steps=train_config.gradient_accumulation_steps,
         log_with=None if config.log.tracker == "none" else config.log.tracker, project_dir=str(output_dir))
@@ -111,6 +112,15 @@ def build_run(config: Config, output_dir: Path) -> Run:
     trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization)
     return Run(config, accelerator, pipe, sampler, reward, trainer, TrainingState(optimizer, lr_scheduler, trainer),
                prompts)
+
+
+def _fresh_accelerator(**settings) -> Accelerator:
+    """An Accelerator with these settings even if this process built one before (a notebook, tests, train then
+    evaluate). accelerate keeps mixed precision and accumulation in process-wide singletons that refuse a change;
+    they are cleared here, while the distributed state (PartialState, the process group) is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(**settings)
 
 
 def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> RunResult:

@@ -143,3 +143,10 @@ def test_bad_sampler_settings_are_refused(tiny_pipe):
     with pytest.raises(ValueError, match="stochastic"):
         sampler = SDSampler(tiny_pipe, num_steps=2, eta=0.0)
         sampler.log_prob(sampler.sample(PROMPTS), 0)
+
+
+def test_vae_checkpoints_per_block_only_when_asked(tiny_pipe):
+    SDSampler(tiny_pipe, gradient_checkpointing=False)
+    assert not tiny_pipe.vae.is_gradient_checkpointing
+    SDSampler(tiny_pipe)
+    assert tiny_pipe.vae.is_gradient_checkpointing  # acts only under grad: no-grad decoding is unchanged

@@ -102,3 +102,19 @@ def test_prompt_file_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(UserInputError, match="no prompts"):
         load_prompts(tmp_path / "empty.txt")
+
+
+def test_bf16_mixed_precision_keeps_lora_and_log_probs_in_float32(tmp_path):
+    from diffrl.training import build_run
+
+    run = build_run(fast_config(*SHORT, "train.mixed_precision=bf16", "sample.eta=1.0", "draft.k=2"), tmp_path)
+    assert run.pipe.unet.dtype == torch.bfloat16 and run.pipe.vae.dtype == torch.bfloat16
+    lora = [p for n, p in run.pipe.unet.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    before = [p.detach().clone() for p in lora]
+    with run.accelerator.autocast():
+        traj = run.sampler.sample(["a red circle"] * 2)
+        metrics = run.trainer.step(["a red circle"] * 2)
+    assert traj.log_probs.dtype == torch.float32 and traj.images.dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
+    assert any(not torch.equal(a, p) for a, p in zip(before, lora))
