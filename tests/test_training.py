@@ -11,7 +11,7 @@ from PIL import Image
 from diffrl.checkpoint import list_checkpoints
 from diffrl.errors import NonFiniteError, UserInputError
 from diffrl.models import build_tiny_pipeline
-from diffrl.training import load_prompts, prompts_for_step, train
+from diffrl.training import build_run, load_prompts, prompts_for_step, train
 from tests.fixtures import fast_config
 
 SHORT = ["train.steps=3", "log.checkpoint_every=2", "log.grid_every=2", "sample.num_steps=2", "sample.batch_size=2"]
@@ -118,3 +118,27 @@ def test_bf16_mixed_precision_keeps_lora_and_log_probs_in_float32(tmp_path):
     assert traj.log_probs.dtype == torch.float32 and traj.images.dtype == torch.float32
     assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
     assert any(not torch.equal(a, p) for a, p in zip(before, lora))
+
+
+def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path):
+    """The same 4 prompts and noise give the same update whether seen at once or as 2 accumulated micro-batches."""
+    def lora_after(batch_size: int, accumulation: int, steps: int):
+        config = fast_config("train.learning_rate=1.0e-2", f"sample.batch_size={batch_size}",
+                             f"train.gradient_accumulation_steps={accumulation}", "train.max_grad_norm=1.0e6")
+        torch.manual_seed(0)
+        run = build_run(config, tmp_path / f"b{batch_size}")
+        for step in range(steps):
+            run.trainer.step(prompts_for_step(run.prompts, step, batch_size, seed=0))
+        optimizer = run.state.optimizer.optimizer
+        # Adam's update is blind to the gradient's scale; its first moment after one step (0.1 g) is not.
+        moments = [optimizer.state[p]["exp_avg"].clone() for p in optimizer.param_groups[0]["params"]]
+        weights = {n: p.detach().clone() for n, p in run.pipe.unet.named_parameters() if "lora_" in n}
+        return weights, moments
+
+    (whole, whole_moments), (accumulated, accumulated_moments) = lora_after(4, 1, 1), lora_after(2, 2, 2)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in whole.items() if "lora_B" in n)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6)
+    for got, expected in zip(accumulated_moments, whole_moments):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-9)
+    assert max(m.abs().max() for m in whole_moments) > 0
