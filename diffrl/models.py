@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,13 +16,35 @@ if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """Stable Diffusion's architecture at toy size (32 px images, 16x16x4 latents), random weights, no download.
+# Stable Diffusion 1.x architectures as constructor arguments; the text encoder's vocabulary is always the offline
+# tokenizer's (the real 49k-token one cannot be downloaded here).
+TINY_ARCHITECTURE = {  # 32 px images, 16x16x4 latents: every SD code path, a batch in a fraction of a second on CPU
+    "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=32),
+    "unet": dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, norm_num_groups=8),
+    "vae": dict(sample_size=32, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8),
+}
+SD15_ARCHITECTURE = {  # SD 1.5's UNet and VAE configs, CLIP ViT-L/14's text config: 1.03 B params (SD 1.5: 1.07 B)
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         projection_dim=768),
+    "unet": dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                 attention_head_dim=8),
+    "vae": dict(sample_size=512, block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2),
+}
 
-    It exercises every code path of a real SD 1.x checkpoint (CLIP text encoder, cross-attention UNet, KL VAE, DDIM)
-    and samples a batch in a fraction of a second on a CPU; its images mean nothing.
+
+def build_random_sd1_pipeline(architecture: dict, seed: int = 0) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of the given architecture with seeded random weights and SD v1's DDIM scheduler.
+
+    Built in float32 without downloads and without touching the global RNG; its images mean nothing.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffrl.tiny_tokenizer import build_tiny_tokenizer
@@ -32,65 +53,27 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer()
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-        vae = AutoencoderKL(
-            sample_size=32, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=8)
-    return _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer)
-
-
-def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """Stable Diffusion 1.5's exact architecture (512 px, 64x64x4 latents) with random weights, no download.
-
-    UNet and VAE use SD 1.5's configs, the text encoder CLIP ViT-L/14's text config; only the vocabulary is the tiny
-    offline tokenizer's, since the real one cannot be downloaded, so it has 1.03 B parameters (SD 1.5: 1.07 B; 4.1 GB
-    in float32). Built in float32; it is for speed and memory benchmarks, and its images mean nothing.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from diffrl.tiny_tokenizer import build_tiny_tokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tokenizer = build_tiny_tokenizer()
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(
-            sample_size=512, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2)
-    return _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer)
-
-
-def _assemble_sd1_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
-    """A pipeline around built components, with Stable Diffusion v1's own DDIM scheduler configuration."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    scheduler = DDIMScheduler(
+            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **architecture["text_encoder"]))
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **architecture["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **architecture["vae"])
+    scheduler = DDIMScheduler(  # Stable Diffusion v1's own scheduler configuration
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Stable Diffusion's architecture at toy size (32 px images, 16x16x4 latents), random weights, no download."""
+    return build_random_sd1_pipeline(TINY_ARCHITECTURE, seed)
+
+
+def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's architecture (512 px, 64x64x4 latents) with random weights, for benchmarks."""
+    return build_random_sd1_pipeline(SD15_ARCHITECTURE, seed)
 
 
 BUILTIN_MODELS = {

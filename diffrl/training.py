@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
+from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
+from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
 from diffrl.checkpoint import (TrainingState, checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints,
                                save_checkpoint)
 from diffrl.config import Config, save_config
-from diffrl.errors import NonFiniteError, UserInputError
+from diffrl.errors import NonFiniteError, UserInputError, unknown_name
 from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import add_lora
 from diffrl.models import load_pipeline
@@ -78,8 +78,21 @@ class Run:
     prompts: list[str]
 
 
+def check_environment(config: Config) -> None:
+    """Settings whose validity depends on installed packages, refused before any model is loaded."""
+    schedulers = [kind.value for kind in SchedulerType]
+    if config.train.lr_scheduler not in schedulers:
+        raise unknown_name("lr_scheduler", config.train.lr_scheduler, schedulers)
+    tracker = config.log.tracker
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if tracker in available and not available[tracker]():
+        raise UserInputError(f"log.tracker is {tracker!r} but the {tracker} package is not installed; "
+                             f"pip install {tracker}, or set log.tracker=none")
+
+
 def build_run(config: Config, output_dir: Path) -> Run:
     """Model, LoRA, reward, sampler, optimiser and trainer from the config, on accelerate."""
+    check_environment(config)
     train_config = config.train
     accelerator = _fresh_accelerator(
         mixed_precision=train_config.mixed_precision,
@@ -102,10 +115,12 @@ def build_run(config: Config, output_dir: Path) -> Run:
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)
+    # accelerate's scheduler wrapper advances once per optimizer step and process, hence these units.
+    optimizer_steps = max(math.ceil(train_config.steps / train_config.gradient_accumulation_steps), 1)
     lr_scheduler = get_scheduler(
         train_config.lr_scheduler, optimizer,
         num_warmup_steps=train_config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max(train_config.steps, 1) * accelerator.num_processes)
+        num_training_steps=optimizer_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     sampler.denoiser = unet
     optimization = Optimization(accelerator, unet, optimizer, lr_scheduler, params, train_config.max_grad_norm)

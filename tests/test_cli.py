@@ -57,6 +57,7 @@ def bad_files(tmp_path):
     (["{tmp}/absent.yaml"], "absent.yaml"),
     ([DEMO, "reward=compressibility"], "not differentiable"),
     ([DEMO, "--resume"], "--output-dir"),
+    ([DEMO, "train.lr_scheduler=cosine_wobble"], "valid lr_schedulers:"),
 ])
 def test_bad_input_exits_2_with_one_sentence(args, expected, bad_files, capsys):
     code = main(["train", *[arg.format(tmp=bad_files) for arg in args], "--quiet",
