@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -54,14 +55,14 @@ def prompts_for_step(prompts: list[str], step: int, batch_size: int, seed: int, 
 
     Because the order depends only on (seed, step), a resumed run sees exactly the prompts it would have seen.
     """
-    global_batch = batch_size * world_size
-    start = step * global_batch + rank * batch_size
-    chosen = []
-    for position in range(start, start + batch_size):
-        epoch, index = divmod(position, len(prompts))
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        chosen.append(prompts[order[index]])
-    return chosen
+    start = step * batch_size * world_size + rank * batch_size
+    positions = [divmod(position, len(prompts)) for position in range(start, start + batch_size)]
+    return [prompts[_epoch_order(len(prompts), seed, epoch)[index]] for epoch, index in positions]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 @dataclass
