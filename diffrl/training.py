@@ -156,6 +156,8 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet
             run.accelerator.init_trackers("diffrl")
         if start == 0:
             write_grid(run, output_dir, 0)
+        else:
+            _drop_metrics_after(output_dir / "metrics.jsonl", start)
     result = _loop(run, output_dir, start, quiet or not main)
     run.accelerator.end_training()
     return result
@@ -200,6 +202,18 @@ def _check_finite(metrics: dict[str, float], step: int, last_checkpoint: Path | 
     if bad:
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
         raise NonFiniteError(f"step {step}: {', '.join(bad)} became non-finite; stopping the run ({kept})")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A run that died after its last checkpoint logged steps that the resumed run repeats; keep one row per step."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    if len(kept) != len(rows):
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _append_metrics(path: Path, metrics: dict) -> None:

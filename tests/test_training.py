@@ -47,6 +47,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
                  "draft.truncation_max=50", "train.learning_rate=1.0e-2"]
     train(fast_config(*overrides), tmp_path / "straight", quiet=True)
     train(fast_config(*overrides, "train.steps=2"), tmp_path / "resumed", quiet=True)
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as log:  # logged after the checkpoint, then a crash
+        log.write('{"step": 3, "reward_mean": 0.0, "loss": 0.0}\n')
     train(fast_config(*overrides), tmp_path / "resumed", quiet=True, resume=True)
     straight = tmp_path / "straight" / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors"
     resumed = tmp_path / "resumed" / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors"
