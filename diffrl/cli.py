@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"diffrl: stopped: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into e.g. `head`: the reader left, which is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
