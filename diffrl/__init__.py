@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import importlib
 
+from diffrl import _torchvision_compat
+
+_torchvision_compat.install()  # before anything imports torchvision (transformers does); imports nothing itself
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -76,14 +76,17 @@ def _train(args) -> int:
 def _list(args) -> int:
     from diffrl.models import BUILTIN_MODELS
     from diffrl.trainers import TRAINERS
-    from rewards import REWARDS, describe
+    from rewards import REWARDS, describe, weights_present
 
     print("trainers:")
     for name, (_, trainer_class) in TRAINERS.items():
         print(f"  {name:<18} {_first_line(trainer_class)}")
     print("rewards:")
-    for name in REWARDS:
-        print(f"  {name:<18} {describe(name)}")
+    for name, reward_class in REWARDS.items():
+        gradient = "differentiable" if reward_class.differentiable else "no gradient"
+        present = weights_present(name)
+        weights = "" if present is None else "weights: local" if present else "weights: absent"
+        print(f"  {name:<18} {gradient:<15} {weights:<16} {describe(name)}")
     print("built-in models:")
     for name, (_, description) in BUILTIN_MODELS.items():
         print(f"  {name:<18} {description}")

@@ -20,7 +20,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from diffrl.errors import UserInputError, unknown_name
+from diffrl.trainers.ddpo import DdpoConfig
+from diffrl.trainers.dpok import DpokConfig
 from diffrl.trainers.draft import DraftConfig
+from diffrl.trainers.loop import LoopConfig
 
 
 @dataclass
@@ -69,11 +72,15 @@ class Config:
     model: str = "tiny"             # hub id, local diffusers folder, single-file checkpoint, or built-in name
     trainer: str = "draft"          # which trainer section below is used
     reward: str | dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})  # name, mod:Class or {name: w}
+    reward_weights: dict[str, str] = field(default_factory=dict)  # reward name -> local weights file/folder; else HF
     prompts: str = "assets/prompts/simple.txt"  # text file, one prompt per line
     sample: SampleConfig = field(default_factory=SampleConfig)  # how images are sampled during training
     train: TrainConfig = field(default_factory=TrainConfig)     # optimizer, LoRA and run length
     log: LogConfig = field(default_factory=LogConfig)           # metrics, grids and checkpoints
     draft: DraftConfig = field(default_factory=DraftConfig)     # DRaFT / AlignProp settings (diffrl.trainers.draft)
+    ddpo: DdpoConfig = field(default_factory=DdpoConfig)        # DDPO settings (diffrl.trainers.ddpo)
+    loop: LoopConfig = field(default_factory=LoopConfig)        # LOOP settings (diffrl.trainers.loop)
+    dpok: DpokConfig = field(default_factory=DpokConfig)        # DPOK settings (diffrl.trainers.dpok)
 
     def __post_init__(self) -> None:
         validate(self)

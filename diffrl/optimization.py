@@ -21,6 +21,15 @@ class Optimization:
         self.accelerator, self.model = accelerator, model
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.params, self.max_grad_norm = params, max_grad_norm
+        self.micro_batches_per_step = accelerator.gradient_accumulation_steps  # train.gradient_accumulation_steps
+
+    def set_backward_passes_per_micro_batch(self, passes: int) -> None:
+        """For trainers whose micro-batch takes several backward passes (DDPO/LOOP: one per trained timestep).
+
+        accelerate then syncs and steps after micro_batches_per_step × passes backward calls and divides each loss by
+        that count, so the update is the mean over all of them, as in DDPO's official code.
+        """
+        self.accelerator.gradient_accumulation_steps = self.micro_batches_per_step * passes
 
     def accumulate(self):
         """Context for one micro-batch: gradients sync and the optimiser steps only at accumulation boundaries."""

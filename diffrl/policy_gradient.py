@@ -56,6 +56,15 @@ def _stats(log_ratio: Tensor, ratio: Tensor, clip_range: float) -> SurrogateStat
                               clip_fraction=((ratio - 1.0).abs() > clip_range).float().mean())
 
 
+def epsilon_kl(noise_pred: Tensor, reference_noise_pred: Tensor) -> Tensor:
+    """mean((ε̂_θ − ε̂_ref)²): the KL regulariser of DPOK (and DRaFT+) in noise space.
+
+    For one Gaussian step with shared σ the KL is ‖μ_θ − μ_ref‖² / 2σ², and μ is affine in ε̂, so this is that KL up
+    to a per-step factor; the official DPOK code uses exactly this mean over all elements.
+    """
+    return ((noise_pred.float() - reference_noise_pred.float()) ** 2).mean()
+
+
 def leave_one_out_advantages(rewards: Tensor, normalize_std: bool = False, eps: float = 1e-6) -> Tensor:
     """LOOP (Gupta et al. 2025): A_i = R_i − mean_{j≠i} R_j within each group of k samples of one prompt.
 

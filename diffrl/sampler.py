@@ -209,12 +209,18 @@ class SDSampler:
 
     def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor:
         """[B] float32 log p(latents[:, i+1] | latents[:, i]) under the current weights, with grad."""
-        if self.eta == 0:
-            raise ValueError("log_prob needs a stochastic sampler (eta > 0); with eta = 0 the step is deterministic")
         rows = torch.arange(len(traj), device=traj.latents.device)
-        latents, next_latents = traj.latents[rows, i], traj.latents[rows, i + 1]
-        step = self.step(latents, i, traj.prompt_embeds, traj.negative_prompt_embeds)
-        return gaussian_log_prob(next_latents, step.mean, step.std)
+        return self.transition_log_prob(traj.latents[rows, i], traj.latents[rows, i + 1], i, traj.prompt_embeds,
+                                        traj.negative_prompt_embeds)[0]
+
+    def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
+                            negative_prompt_embeds: Tensor | None = None) -> tuple[Tensor, DDIMStep]:
+        """[B] float32 log p(next_latents | latents) of step index i (int or [B]) under the current weights, with
+        grad, and the step itself (its guided ε̂ is what DPOK's KL term compares with the reference model's)."""
+        if self.eta == 0:
+            raise ValueError("log-probs need a stochastic sampler (eta > 0); with eta = 0 the step is deterministic")
+        step = self.step(latents, i, prompt_embeds, negative_prompt_embeds)
+        return gaussian_log_prob(next_latents, step.mean, step.std), step
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images in [0, 1], float32, differentiable (per-block checkpointed when building a graph)."""

@@ -102,9 +102,10 @@ def build_run(config: Config, output_dir: Path) -> Run:
     set_seed(train_config.seed)
     prompts = load_prompts(config.prompts)
     config_class, trainer_class = TRAINERS[config.trainer]
-    reward = load_reward(config.reward)
-    if isinstance(reward, torch.nn.Module):
-        reward.requires_grad_(False).eval().to(accelerator.device)
+    optimizer_steps = max(math.ceil(train_config.steps * trainer_class.optimizer_steps_per_step(config)), 1)
+    reward = load_reward(config.reward, config.reward_weights)
+    if isinstance(reward, torch.nn.Module):  # reward models run in the run's weight dtype; scores stay float32
+        reward.requires_grad_(False).eval().to(accelerator.device, WEIGHT_DTYPES[train_config.mixed_precision])
     pipe = load_pipeline(config.model, dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False)
@@ -117,7 +118,6 @@ def build_run(config: Config, output_dir: Path) -> Run:
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)
     # accelerate's scheduler wrapper advances once per optimizer step and process, hence these units.
-    optimizer_steps = max(math.ceil(train_config.steps / train_config.gradient_accumulation_steps), 1)
     lr_scheduler = get_scheduler(
         train_config.lr_scheduler, optimizer,
         num_warmup_steps=train_config.lr_warmup_steps * accelerator.num_processes,

@@ -2,21 +2,30 @@
 
 A spec is a registry name ("brightness"), a user reward "package.module:ClassName" (built with no arguments), or
 a mapping {name_or_module_class: weight}; several entries (or a weight other than 1) give a MixReward.
-Heavy backbones are loaded when a reward is built, never at import.
+Heavy backbones are loaded when a reward is built, never at import (their modules import transformers / open_clip
+inside functions). A reward with published weights is loaded once per process while anything holds it.
 """
 
 from __future__ import annotations
 
 import importlib
+import weakref
 from numbers import Real
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from diffrl import _torchvision_compat
 from diffrl.errors import UserInputError, unknown_name
+from rewards.aesthetic import AestheticReward
+from rewards.clip_score import ClipScoreReward
 from rewards.compressibility import CompressibilityReward, IncompressibilityReward
+from rewards.hps import HPSReward
 from rewards.mix import MixReward
+from rewards.pickscore import PickScoreReward
 from rewards.statistics import BrightnessReward, ContrastReward, SaturationReward
+
+_torchvision_compat.install()  # the CLIP rewards import transformers/open_clip, which import torchvision
 
 
 @runtime_checkable
@@ -28,13 +37,33 @@ class Reward(Protocol):
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
 
 
+@runtime_checkable
+class PretrainedReward(Protocol):
+    """A registered reward class built from published weights (instead of with no arguments)."""
+
+    @classmethod
+    def pretrained(cls, local_path: str | None = None) -> Reward:
+        """Load the weights from `local_path` (config: reward_weights.<name>), else the Hugging Face cache or hub."""
+
+    @classmethod
+    def weights_present(cls, local_path: str | None = None) -> bool:
+        """Whether `pretrained` would find its weights without network."""
+
+
 REWARDS = {
     "brightness": BrightnessReward,
     "saturation": SaturationReward,
     "contrast": ContrastReward,
     "compressibility": CompressibilityReward,
     "incompressibility": IncompressibilityReward,
+    "aesthetic": AestheticReward,
+    "clip_score": ClipScoreReward,
+    "pickscore": PickScoreReward,
+    "hps": HPSReward,
 }
+
+# (name, local path) -> the loaded reward, for as long as something (a run, a mix) holds it.
+_loaded: weakref.WeakValueDictionary[tuple[str, str | None], Reward] = weakref.WeakValueDictionary()
 
 
 def describe(name: str) -> str:
@@ -42,10 +71,23 @@ def describe(name: str) -> str:
     return REWARDS[name].__doc__.strip().splitlines()[0]
 
 
-def load_reward(spec: str | dict[str, float]) -> Reward:
-    """Build the reward a spec names; a user mistake raises UserInputError with one sentence."""
+def weights_present(name: str) -> bool | None:
+    """Whether a registered reward's published weights are on this machine (None: it has none); no network."""
+    cls = REWARDS[name]
+    return cls.weights_present() if issubclass(cls, PretrainedReward) else None
+
+
+def load_reward(spec: str | dict[str, float], weights: dict[str, str] | None = None) -> Reward:
+    """Build the reward a spec names; `weights` maps reward names to local weight paths (config reward_weights).
+    A user mistake raises UserInputError with one sentence."""
+    weights = weights or {}
+    for name in weights:
+        if not issubclass(REWARDS.get(name, object), PretrainedReward):
+            with_weights = [n for n, cls in REWARDS.items() if issubclass(cls, PretrainedReward)]
+            raise UserInputError(f"reward_weights.{name}: {name!r} is not a reward with published weights; "
+                                 f"those are: {', '.join(with_weights)}")
     if isinstance(spec, str):
-        return _load_one(spec)
+        return _load_one(spec, weights)
     if not isinstance(spec, dict) or not spec:
         raise UserInputError(f"reward must be a name, 'package.module:ClassName' or a {{name: weight}} mapping, "
                              f"got {spec!r}")
@@ -53,8 +95,8 @@ def load_reward(spec: str | dict[str, float]) -> Reward:
         if isinstance(weight, bool) or not isinstance(weight, Real):
             raise UserInputError(f"reward weight for {name!r} must be a number, got {weight!r}")
     if len(spec) == 1 and next(iter(spec.values())) == 1.0:
-        return _load_one(next(iter(spec)))
-    return MixReward({name: (_load_one(name), float(weight)) for name, weight in spec.items()})
+        return _load_one(next(iter(spec)), weights)
+    return MixReward({name: (_load_one(name, weights), float(weight)) for name, weight in spec.items()})
 
 
 def score(reward: Reward, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -80,12 +122,19 @@ def reward_name(reward: Reward) -> str:
     return "mix" if cls is MixReward else f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _load_one(name: str) -> Reward:
+def _load_one(name: str, weights: dict[str, str]) -> Reward:
     if ":" in name:
         return _load_user_reward(name)
     if name not in REWARDS:
         raise unknown_name("reward", name, REWARDS)
-    return REWARDS[name]()
+    cls = REWARDS[name]
+    if not issubclass(cls, PretrainedReward):
+        return cls()
+    key = (name, weights.get(name))
+    reward = _loaded.get(key)
+    if reward is None:
+        reward = _loaded[key] = cls.pretrained(weights.get(name))
+    return reward
 
 
 def _load_user_reward(spec: str) -> Reward:

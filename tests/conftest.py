@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import diffrl  # noqa: E402,F401  first: installs the torchvision fix before any library can import torchvision
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402

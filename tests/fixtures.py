@@ -31,3 +31,34 @@ class NanAfterTwoCalls(torch.nn.Module):
         self.calls += 1
         brightness = images.mean(dim=(1, 2, 3))
         return brightness if self.calls <= 2 else brightness * float("nan")
+
+
+class HostBrightness:
+    """Mean pixel value computed in NumPy on the host: a reward with no gradient path, like a black-box scorer."""
+
+    differentiable = False
+
+    def __call__(self, images, prompts):
+        values = images.detach().float().cpu().numpy().mean(axis=(1, 2, 3))
+        return torch.from_numpy(values).to(images.device)
+
+
+def fixed_seed_reward(run, prompts=("a red circle", "a blue square"), copies: int = 4, seed: int = 123) -> float:
+    """The run's reward on fixed prompts and sampling noise: before/after differences show the policy's change."""
+    with torch.no_grad():
+        traj = run.sampler.sample(list(prompts) * copies, generator=torch.Generator().manual_seed(seed))
+        return float(run.reward(traj.images, traj.prompts).float().mean())
+
+
+class CenteredBrightness(torch.nn.Module):
+    """Brightness minus the tiny model's mean brightness (0.4713), so that the raw reward is a usable advantage.
+
+    For DPOK without its value network (A = r): the tiny model's rewards vary by only ~0.003 around 0.47, and a
+    baseline that far off would drown that signal in a short test run.
+    """
+
+    differentiable = True
+
+    def forward(self, images, prompts):
+        luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+        return (images.float() * luma).sum(dim=1).mean(dim=(1, 2)) - 0.4713

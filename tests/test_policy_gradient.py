@@ -81,3 +81,17 @@ def test_per_prompt_tracker_by_hand():
     restored = PerPromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
     restored.load_state_dict(state)
     torch.testing.assert_close(restored.advantages(["a", "a"], torch.tensor([5.0, 7.0])), second)
+
+
+def test_dpok_clamp_has_no_policy_gradient_outside_the_clip_range():
+    # ε = 0.1: ρ = e^{±0.2} lies outside [0.9, 1.1] for either sign of A, so the clamp is constant there: loss
+    # −A·(1 ± ε) and zero gradient; ρ = e^{0.05} is inside: gradient −A·ρ/n.
+    log_ratios = torch.tensor([0.2, 0.2, -0.2, -0.2, 0.05])
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])
+    log_probs = log_ratios.clone().requires_grad_(True)
+    loss, stats = clamped_ratio_loss(log_probs, torch.zeros(5), advantages, clip_range=0.1)
+    loss.backward()
+    inside = math.exp(0.05)
+    torch.testing.assert_close(loss, torch.tensor((-1.1 + 1.1 - 0.9 + 0.9 - 2 * inside) / 5))
+    torch.testing.assert_close(log_probs.grad, torch.tensor([0.0, 0.0, 0.0, 0.0, -2 * inside / 5]))
+    torch.testing.assert_close(stats.clip_fraction, torch.tensor(0.8))

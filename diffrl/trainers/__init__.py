@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from diffrl.trainers.ddpo import DdpoConfig, DdpoTrainer
+from diffrl.trainers.dpok import DpokConfig, DpokTrainer
 from diffrl.trainers.draft import DraftConfig, DraftTrainer
+from diffrl.trainers.loop import LoopConfig, LoopTrainer
 
 
 class Trainer(Protocol):
@@ -12,7 +15,13 @@ class Trainer(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
+    @staticmethod
+    def optimizer_steps_per_step(config) -> float: ...  # for the LR schedule's length; checks batch settings
+
 
 TRAINERS = {
     "draft": (DraftConfig, DraftTrainer),
+    "ddpo": (DdpoConfig, DdpoTrainer),
+    "loop": (LoopConfig, LoopTrainer),
+    "dpok": (DpokConfig, DpokTrainer),
 }

@@ -23,9 +23,11 @@ from torch import Tensor
 
 from diffrl.errors import UserInputError
 from diffrl.optimization import metrics_to_floats
+from diffrl.policy_gradient import epsilon_kl
 from rewards import Reward, score
 
 if TYPE_CHECKING:  # the config class must import without diffusers (config parsing, `diffrl list`)
+    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -61,6 +63,10 @@ class DraftTrainer:
             raise UserInputError("draft.lv_samples and draft.kl_coeff must be non-negative")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.generator = torch.Generator().manual_seed(config.seed)
+
+    @staticmethod
+    def optimizer_steps_per_step(config: Config) -> float:
+        return 1 / config.train.gradient_accumulation_steps   # one micro-batch per step
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         with self.optimization.accumulate():
@@ -119,7 +125,7 @@ class DraftTrainer:
                 self.sampler.predict_noise(traj.latents[:, i], traj.timesteps[i], traj.prompt_embeds,
                                            negative_prompt_embeds=traj.negative_prompt_embeds, reference=True)
                 for i in range(first, self.sampler.num_steps)], dim=1)
-        return ((traj.noise_preds.float() - reference.float()) ** 2).mean()
+        return epsilon_kl(traj.noise_preds, reference)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
