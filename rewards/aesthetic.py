@@ -9,13 +9,15 @@ preprocessing is rewards.preprocess, so gradients reach the image.
 Verified: the head's layout reproduces the original file's keys and shapes, read from the file itself
 (layers.{0,2,4,6,7}.{weight,bias}; dropouts at 1, 3, 5; the ReLUs are commented out in the original, so there are
 none); the vision tower at the published ViT-L/14 config has open_clip's published image-tower parameter count;
-score equal to CLIPImageProcessor-on-PIL + the original formula on a tiny random CLIP (tests/rewards/test_aesthetic.py).
+scores equal to the PIL preprocessing + the original formula on a tiny random CLIP (tests/rewards/test_aesthetic.py),
+within the rounding tolerance of tests/rewards/clip_fixtures.py; finite-difference gradients.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -71,7 +73,7 @@ class AestheticReward(nn.Module):
         load_checkpoint_into(head, load_state_dict_file(head_path), head_path, f"the aesthetic head {cls.HEAD_FILE}")
         clip_path = local_path if folder_holds(local_path, "config.json") else None
         vision_model = load_pretrained(CLIPVisionModelWithProjection.from_pretrained, cls.CLIP_HUB_ID, CONFIG_KEY,
-                                       clip_path)
+                                       clip_path, dtype=torch.float32)
         return cls(vision_model, head)
 
     @classmethod

@@ -5,9 +5,10 @@ score), OpenAI `clip`'s and open_clip's torchvision transforms (aesthetic predic
 shorter side to `size` with bicubic filtering (output long side int(size * long / short)), centre crop size×size,
 scale to [0, 1] and normalise. `torch.nn.functional.interpolate(mode="bicubic", antialias=True)` uses PIL's bicubic
 filter (a = -0.5, kernel widened by the downscale factor); run as PIL runs it (horizontal pass, clip, vertical pass,
-clip) it differs from PIL on the same pixels only by PIL's rounding to uint8 after each pass. Verified against
-CLIPImageProcessorPil, CLIPImageProcessor (torch backend, which also resizes uint8) and open_clip's eval transform in
-tests/rewards/test_preprocess.py.
+clip) it differs from PIL on the same pixels only by PIL's rounding to uint8 after each pass. HPSv2 instead resizes
+the float tensor with torchvision (`like_pil=False`: one unclipped pass, equal up to float rounding). Verified against
+CLIPImageProcessorPil, CLIPImageProcessor (torch backend, which also resizes uint8), open_clip's eval transform and
+torchvision's tensor Resize in tests/rewards/test_preprocess.py.
 
 Crop offset: (H - size) // 2 as in transformers; torchvision's CenterCrop rounds (H - size) / 2 instead, so when the
 overhang is odd the open_clip / OpenAI-clip crop can sit one pixel further down or right. Square images (the usual

@@ -62,3 +62,14 @@ class CenteredBrightness(torch.nn.Module):
     def forward(self, images, prompts):
         luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
         return (images.float() * luma).sum(dim=1).mean(dim=(1, 2)) - 0.4713
+
+
+def learning_run(run, steps: int, batch_size: int) -> tuple[float, float, float]:
+    """(fixed-seed reward before, after, largest LoRA change) over `steps` trainer steps of a run."""
+    from diffrl.training import prompts_for_step
+
+    before, initial = fixed_seed_reward(run), lora_state(run.pipe.unet)
+    for step in range(steps):
+        run.trainer.step(prompts_for_step(run.prompts, step, batch_size, seed=0))
+    change = max((p - initial[n]).abs().max().item() for n, p in lora_state(run.pipe.unet).items())
+    return before, fixed_seed_reward(run), change

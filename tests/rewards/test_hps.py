@@ -49,12 +49,13 @@ def test_published_architecture_has_the_hps_checkpoint_keys():
 
 @pytest.mark.parametrize("shape", IMAGE_SHAPES)
 def test_scores_match_the_original_path(shape):
-    # The original resizes float tensors as we do (no PIL rounding), so only float32 rounding separates the paths.
+    # The original resizes float tensors with the same torch ops as ours (no PIL rounding): the paths agree to float32
+    # rounding. Resizing as PIL does instead (clipping each pass) would already differ by 3e-6 here.
     reward = tiny_reward()
     arrays = [photo_like(*shape, seed=seed) for seed in range(2)]
     with torch.no_grad():
         ours = reward(as_tensor(arrays), PROMPTS)
-    torch.testing.assert_close(ours, original_scores(reward, arrays, PROMPTS), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, original_scores(reward, arrays, PROMPTS), atol=1e-7, rtol=1e-6)
 
 
 def test_score_is_a_plain_cosine_without_logit_scale():

@@ -4,6 +4,7 @@ loading that never runs pickled code. HF_HUB_OFFLINE=1 (tests/conftest.py) stand
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_cached_file_is_found_without_network(tmp_path, hub_cache):
 
 
 def test_file_in_a_subfolder_of_the_repo(tmp_path, hub_cache):
-    snapshot = hub_cache(REPO, tmp_path)
+    snapshot = hub_cache(REPO, tmp_path)   # an empty repo snapshot, then the file in its subfolder
     (snapshot / "sub").mkdir()
     (snapshot / "sub" / FILE).write_bytes(b"x")
     assert resolve_weight_file(FILE, REPO, KEY, subfolder="sub") == snapshot / "sub" / FILE
@@ -58,8 +59,6 @@ def test_file_in_a_subfolder_of_the_repo(tmp_path, hub_cache):
 
 def fake_from_pretrained(source, local_files_only=False, **kwargs):
     """Stands in for from_pretrained: a folder with config.json loads; anything else fails as transformers does."""
-    from pathlib import Path
-
     if Path(source).is_dir() and (Path(source) / "config.json").is_file():
         return ("loaded", str(source), local_files_only, kwargs)
     raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {source}")

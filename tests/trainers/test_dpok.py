@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffrl.trajectory import Trajectory
-from diffrl.training import build_run, prompts_for_step, train
+from diffrl.training import build_run, train
 from diffrl.trainers.dpok import TransitionBuffer, pooled_text_embeddings
 from tests.conftest import perturb_lora
-from tests.fixtures import fast_config, fixed_seed_reward, lora_state
+from tests.fixtures import fast_config, learning_run
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -43,7 +43,6 @@ def test_buffer_is_step_major_and_first_in_first_out():
     buffer = TransitionBuffer(capacity=5)
     # batch 2, 3 steps: latents row 0 = [0, 1, 2, 3], row 1 = [4, 5, 6, 7]
     buffer.add(_toy_trajectory(2, 3, 0.0), torch.tensor([10.0, 20.0]), torch.tensor([[1.0], [2.0]]))
-    assert buffer.states.flatten().tolist() == [1.0, 5.0, 2.0, 6.0, 3.0] or len(buffer) == 5
     assert buffer.steps.tolist() == [0, 1, 1, 2, 2]       # 6 transitions, the oldest (step 0, row 0) dropped
     assert buffer.states.flatten().tolist() == [4.0, 1.0, 5.0, 2.0, 6.0]
     assert buffer.next_states.flatten().tolist() == [5.0, 2.0, 6.0, 3.0, 7.0]
@@ -138,9 +137,6 @@ def test_learning_raises_brightness(tmp_path):
     run = _run(tmp_path, "reward=tests.fixtures:CenteredBrightness", "sample.batch_size=16",
                "sample.guidance_scale=1.0", "train.learning_rate=1.0e-2", "dpok.value_network=false",
                "dpok.reward_weight=1000", "dpok.buffer_size=64", "dpok.p_batch_size=64", "dpok.p_step=1")
-    before, initial_lora = fixed_seed_reward(run), lora_state(run.pipe.unet)
-    for step in range(15):
-        run.trainer.step(prompts_for_step(run.prompts, step, 16, seed=0))
-    after = fixed_seed_reward(run)
-    assert max((p - initial_lora[n]).abs().max().item() for n, p in lora_state(run.pipe.unet).items()) > 1e-3
+    before, after, lora_change = learning_run(run, steps=15, batch_size=16)
+    assert lora_change > 1e-3
     assert after - before > 0.005, f"brightness {before:.4f} -> {after:.4f}"
