@@ -21,6 +21,7 @@ from rewards.aesthetic import AestheticReward
 from rewards.clip_score import ClipScoreReward
 from rewards.compressibility import CompressibilityReward, IncompressibilityReward
 from rewards.hps import HPSReward
+from rewards.image_reward import ImageRewardModel
 from rewards.mix import MixReward
 from rewards.pickscore import PickScoreReward
 from rewards.statistics import BrightnessReward, ContrastReward, SaturationReward
@@ -60,6 +61,7 @@ REWARDS = {
     "clip_score": ClipScoreReward,
     "pickscore": PickScoreReward,
     "hps": HPSReward,
+    "image_reward": ImageRewardModel,
 }
 
 # (name, local path) -> the loaded reward, for as long as something (a run, a mix) holds it.

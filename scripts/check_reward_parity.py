@@ -35,7 +35,7 @@ from diffrl.errors import UserInputError  # noqa: E402
 from rewards import load_reward  # noqa: E402
 from rewards.aesthetic import AestheticReward  # noqa: E402
 from rewards.hps import CHECKPOINT_FILES, HUB_REPO  # noqa: E402
-from rewards.weights import resolve_weight_file  # noqa: E402
+from rewards.weights import load_state_dict_file, resolve_weight_file  # noqa: E402
 
 AESTHETIC_HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"  # the GitHub blob
 
@@ -112,8 +112,7 @@ def original_hps(images, prompt, device, version="v2.1"):
     import open_clip
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-    checkpoint = torch.load(resolve_weight_file(CHECKPOINT_FILES[version], HUB_REPO, "reward_weights.hps"),
-                            map_location="cpu", weights_only=True)
+    checkpoint = load_state_dict_file(resolve_weight_file(CHECKPOINT_FILES[version], HUB_REPO, "reward_weights.hps"))
     model = open_clip.create_model("ViT-H-14", pretrained=None)
     model.load_state_dict(checkpoint["state_dict"])
     model.to(device).eval()
