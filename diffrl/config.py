@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from diffrl.errors import UserInputError, unknown_name
+from diffrl.trainers.adjoint_matching import AdjointMatchingConfig
 from diffrl.trainers.ddpo import DdpoConfig
 from diffrl.trainers.dpok import DpokConfig
 from diffrl.trainers.draft import DraftConfig
@@ -34,6 +35,7 @@ class SampleConfig:
     batch_size: int = 4             # prompts per process per training step
     resolution: int | None = None   # image side in pixels; None: the model's default
     negative_prompt: str = ""       # text of the unconditional CFG branch
+    schedule: str = "model"         # DDIM preset: model (the pipeline's scheduler) | adjoint_matching (SOC recipe)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Config:
     ddpo: DdpoConfig = field(default_factory=DdpoConfig)        # DDPO settings (diffrl.trainers.ddpo)
     loop: LoopConfig = field(default_factory=LoopConfig)        # LOOP settings (diffrl.trainers.loop)
     dpok: DpokConfig = field(default_factory=DpokConfig)        # DPOK settings (diffrl.trainers.dpok)
+    adjoint_matching: AdjointMatchingConfig = field(default_factory=AdjointMatchingConfig)  # (trainers.adjoint_matching)
 
     def __post_init__(self) -> None:
         validate(self)

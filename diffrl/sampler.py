@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from diffrl.errors import UserInputError
+from diffrl.errors import UserInputError, unknown_name
 from diffrl.gaussian import ddim_mean, ddim_std, gaussian_log_prob, x0_eps_from_model_output
 from diffrl.trajectory import Trajectory
 
@@ -42,17 +42,29 @@ class DDIMStep:
     noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models)
 
 
+# Named DDIM settings a recipe can opt into with `sample.schedule`; "model" keeps the pipeline's own scheduler config.
+SCHEDULES: dict[str, dict] = {
+    "model": {},
+    # Adjoint Matching's fine-tuning schedule (microsoft/soc-fine-tuning-sd): smaller betas, trailing spacing, and a
+    # final ᾱ halfway between 1 and ᾱ of the last sampled timestep, which keeps the last step's σ away from 0 (the
+    # control is divided by σ).
+    "adjoint_matching": {"beta_start": 0.002, "beta_end": 0.009, "beta_schedule": "scaled_linear",
+                         "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False},
+}
+MIDPOINT_FINAL_ALPHA = {"adjoint_matching"}
+
+
 class SDSampler:
     """DDIM (eta in [0, 1]) with batched classifier-free guidance for SD 1.x/2.x pipelines.
 
     The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private
-    DDIMScheduler, so the pipeline itself is not modified. Whatever adapters the UNet carries are used;
+    DDIMScheduler, so the pipeline itself is not modified; ``schedule`` names a preset of SCHEDULES applied on top. Whatever adapters the UNet carries are used;
     ``reference=True`` disables them to give the base model.
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, num_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 1.0, resolution: int | None = None, *, negative_prompt: str = "",
-                 gradient_checkpointing: bool = True):
+                 gradient_checkpointing: bool = True, schedule: str = "model"):
         if not 0.0 <= eta <= 1.0:
             raise UserInputError(f"eta must be in [0, 1], got {eta}")
         if num_steps < 1:
@@ -67,7 +79,10 @@ class SDSampler:
             # batch 4, 512 px, H100). It acts only when grad is enabled, so no-grad decoding is unchanged, and it
             # stays on: switching it off between forward and backward would change what backward recomputes.
             self.vae.enable_gradient_checkpointing()
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if schedule not in SCHEDULES:
+            raise unknown_name("schedule", schedule, SCHEDULES)
+        self.schedule = schedule
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **SCHEDULES[schedule])
         if self.scheduler.config.thresholding:
             raise UserInputError("dynamic thresholding is for pixel-space models; disable it in the scheduler config")
         self.prediction_type = self.scheduler.config.prediction_type
@@ -84,8 +99,10 @@ class SDSampler:
         prev = self.timesteps.cpu() - self.scheduler.config.num_train_timesteps // self.num_steps
         alphas_cumprod = self.scheduler.alphas_cumprod
         self.alphas = alphas_cumprod[self.timesteps.cpu()].to(device)          # ᾱ_t   [T] float32
-        self.alphas_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)],
-                                       self.scheduler.final_alpha_cumprod).to(device)  # ᾱ_{t'} [T]
+        final_alpha = self.scheduler.final_alpha_cumprod
+        if self.schedule in MIDPOINT_FINAL_ALPHA:
+            final_alpha = (1 + alphas_cumprod[self.timesteps[-1].cpu()]) / 2
+        self.alphas_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final_alpha).to(device)  # ᾱ_{t'}
         self.stds = ddim_std(self.alphas, self.alphas_prev, self.eta)          # σ_t(η) [T]
 
     @property
@@ -106,21 +123,26 @@ class SDSampler:
 
     # -- one UNet evaluation --------------------------------------------------------------------------------------
     def _guided_output(self, latents: Tensor, t: Tensor, prompt_embeds: Tensor, negative_prompt_embeds: Tensor | None,
-                       guidance_scale: float) -> Tensor:
+                       guidance_scale: float, reference: bool = False) -> Tensor:
         """The model output (ε or v) with classifier-free guidance as ONE batched UNet call."""
+        # The base model trains nothing, so it bypasses a DDP wrapper: a forward through DDP with grad enabled (Adjoint
+        # Matching's vector-Jacobian products) would wait for gradient reduction that never comes.
+        denoiser = self.unet if reference else self.denoiser
         if negative_prompt_embeds is None or guidance_scale <= 1.0:
-            return self.denoiser(latents, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            return denoiser(latents, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
         t_both = torch.cat([t, t]) if t.ndim == 1 else t
-        output = self.denoiser(torch.cat([latents, latents]), t_both,
+        output = denoiser(torch.cat([latents, latents]), t_both,
                                encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
                                return_dict=False)[0]
         uncond, cond = output.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    def _model_output(self, latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale) -> Tensor:
-        args = (latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            # Recompute the UNet's activations in backward: memory per differentiable step is one latent.
+    def _model_output(self, latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale, reference=False
+                      ) -> Tensor:
+        args = (latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale, reference)
+        # Recompute the UNet's activations in backward: memory per differentiable step is one latent. Not for the base
+        # model: its backward (Adjoint Matching's VJP) follows at once and runs after the adapters are back on.
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not reference:
             return checkpoint(self._guided_output, *args, use_reentrant=False)
         return self._guided_output(*args)
 
@@ -146,27 +168,31 @@ class SDSampler:
         t = torch.as_tensor(t, device=latents.device)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         with self._adapters(enabled=not reference):
-            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, scale)
+            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, scale, reference)
         alpha_t = _broadcast(self.scheduler.alphas_cumprod.to(latents.device)[t], latents)
         return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
 
     # -- one DDIM transition --------------------------------------------------------------------------------------
     def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
-             negative_prompt_embeds: Tensor | None = None, *, generator=None, reference: bool = False) -> DDIMStep:
-        """The DDIM transition from step index i (an int, or a [B] tensor of per-sample indices)."""
+             negative_prompt_embeds: Tensor | None = None, *, generator=None, reference: bool = False,
+             add_noise: bool = True) -> DDIMStep:
+        """The DDIM transition from step index i (an int, or a [B] tensor of per-sample indices).
+
+        ``add_noise=False`` returns the mean as the next latent without drawing noise (Adjoint Matching's drift)."""
         if torch.is_tensor(i):
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
         alpha_t, alpha_prev = _broadcast(self.alphas[i], latents), _broadcast(self.alphas_prev[i], latents)
         std = _broadcast(self.stds[i], latents)
         with self._adapters(enabled=not reference):
-            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, self.guidance_scale)
+            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, self.guidance_scale,
+                                        reference)
         x0, eps = x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)
         if self.scheduler.config.clip_sample:
             limit = self.scheduler.config.clip_sample_range
             x0 = x0.clamp(-limit, limit)
         mean = ddim_mean(x0, eps, alpha_prev, std)
-        if self.eta == 0:
+        if self.eta == 0 or not add_noise:
             return DDIMStep(mean, mean, std, eps)
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return DDIMStep(mean + std * noise, mean, std, eps)

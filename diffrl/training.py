@@ -23,7 +23,7 @@ from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import add_lora
 from diffrl.models import load_pipeline
 from diffrl.optimization import Optimization
-from diffrl.sampler import SDSampler
+from diffrl.sampler import SCHEDULES, SDSampler
 from diffrl.trainers import TRAINERS
 from rewards import load_reward
 
@@ -84,6 +84,8 @@ def check_environment(config: Config) -> None:
     schedulers = [kind.value for kind in SchedulerType]
     if config.train.lr_scheduler not in schedulers:
         raise unknown_name("lr_scheduler", config.train.lr_scheduler, schedulers)
+    if config.sample.schedule not in SCHEDULES:
+        raise unknown_name("sample.schedule", config.sample.schedule, SCHEDULES)
     tracker = config.log.tracker
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if tracker in available and not available[tracker]():
@@ -113,7 +115,7 @@ def build_run(config: Config, output_dir: Path) -> Run:
     sample = config.sample
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                         negative_prompt=sample.negative_prompt,
-                        gradient_checkpointing=train_config.gradient_checkpointing)
+                        gradient_checkpointing=train_config.gradient_checkpointing, schedule=sample.schedule)
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)

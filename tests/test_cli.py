@@ -38,7 +38,7 @@ def test_list_in_a_subprocess():
 def test_user_error_in_a_subprocess_has_no_traceback():
     done = _cli("train", DEMO, "trainer=nope")
     assert done.returncode == 2
-    assert "Traceback" not in done.stderr and "valid trainers: ddpo, dpok, draft, loop" in done.stderr
+    assert "Traceback" not in done.stderr and "valid trainers: adjoint_matching, ddpo, dpok, draft, loop" in done.stderr
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    ([DEMO, "trainer=nope"], "unknown trainer 'nope'; valid trainers: ddpo, dpok, draft, loop"),
+    ([DEMO, "trainer=nope"], "unknown trainer 'nope'; valid trainers: adjoint_matching, ddpo, dpok, draft, loop"),
     ([DEMO, "reward=nope"], "valid rewards:"),
     ([DEMO, "sample.num_step=3"], "unknown config key 'sample.num_step'"),
     (["{tmp}/no_prompts.yaml"], "prompt file"),

@@ -48,7 +48,7 @@ def test_defaults():
     assert config.log.grid_seeds == [0, 1, 2, 3] and config.log.keep_last is None
     assert config.draft == DraftConfig()
     assert trainer_sections() == {name: config_class for name, (config_class, _) in TRAINERS.items()}
-    assert set(trainer_sections()) == {"draft", "ddpo", "loop", "dpok"}
+    assert set(trainer_sections()) == {"draft", "ddpo", "loop", "dpok", "adjoint_matching"}
 
 
 def test_default_lists_are_not_shared():
@@ -158,7 +158,7 @@ def test_wrong_type_names_key_type_and_value(tmp_path, text, expected):
     ("train.lora_rank=0", "train.lora_rank must be >= 1, got 0"),
     ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps must be >= 1, got 0"),
     ("log.keep_last=0", "log.keep_last must be >= 1, got 0"),
-    ("trainer=ppo", "unknown trainer 'ppo'; valid trainers: ddpo, dpok, draft, loop"),
+    ("trainer=ppo", "unknown trainer 'ppo'; valid trainers: adjoint_matching, ddpo, dpok, draft, loop"),
     ("reward={}", "reward is an empty mapping"),
 ])
 def test_out_of_range_values(override, expected):
@@ -238,7 +238,7 @@ def test_override_text_values_that_yaml_reads_as_other_types():
     ("=3", "override '=3' is not of the form key.path=value"),
     ("sample..eta=1", "is not of the form key.path=value"),
     ("sample.num_step=3", "unknown config key 'sample.num_step'; valid config keys: sample.batch_size"),
-    ("smaple.num_steps=3", "unknown config key 'smaple'; valid config keys: ddpo, dpok, draft, log"),
+    ("smaple.num_steps=3", "unknown config key 'smaple'; valid config keys: adjoint_matching, ddpo, dpok, draft, log"),
     ("draft.x=3", "unknown config key 'draft.x'"),
     ("sample.num_steps=ten", "sample.num_steps must be int, got 'ten'"),
     ("train.lora_rank=true", "train.lora_rank must be int, got True"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from diffrl.trainers.adjoint_matching import AdjointMatchingConfig, AdjointMatchingTrainer
 from diffrl.trainers.ddpo import DdpoConfig, DdpoTrainer
 from diffrl.trainers.dpok import DpokConfig, DpokTrainer
 from diffrl.trainers.draft import DraftConfig, DraftTrainer
@@ -24,4 +25,5 @@ TRAINERS = {
     "ddpo": (DdpoConfig, DdpoTrainer),
     "loop": (LoopConfig, LoopTrainer),
     "dpok": (DpokConfig, DpokTrainer),
+    "adjoint_matching": (AdjointMatchingConfig, AdjointMatchingTrainer),
 }
