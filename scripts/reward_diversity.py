@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8, help="the first N prompts of the run's prompt file")
     args = parser.parse_args()
+    diffusers.utils.logging.set_verbosity_error()   # LoRA loading warns that the text encoder has no LoRA keys
     config = load_config(args.run_dir / "config.yaml", [])
     pipe = load_pipeline(config.model)
     reward = load_reward(config.reward, config.reward_weights)
