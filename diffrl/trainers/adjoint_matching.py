@@ -23,6 +23,9 @@ Official defaults: λ = 100, 50 steps, CFG 7.5 for sampling only, K = 4 (2 + 2 a
 Deviations: LoRA by default (the reference is the adapter switched off); the clip EMA is a plain EMA from its first
 value (the official warm-up test `updates < 1/decay` looks like a typo for 1/(1 − decay)) and is part of the
 checkpoint; prompt dropout defaults to 0, as in the checkpoints the official README reports (its config file says 0.2).
+Kept from the paper although measured: on a linear-Gaussian toy (tests) pairing x_k with a_k reaches 91–93% of the exact
+tilt's mean shift at 50 steps; pairing it with a_{k+1}, the adjoint of the step's output, would be exact in discrete
+time. The effect is a slightly smaller effective λ.
 """
 
 from __future__ import annotations
