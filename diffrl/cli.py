@@ -1,4 +1,7 @@
-"""`diffrl train | list`: the command line. User mistakes exit with status 2 and one sentence, no traceback."""
+"""`diffrl train | evaluate | grid | list`: the command line.
+
+User mistakes exit with status 2 and one sentence, no traceback.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+    _add_evaluate_parser(commands)
+    _add_grid_parser(commands)
     listing = commands.add_parser("list", help="trainers, rewards and built-in models, one line each")
     listing.set_defaults(run=_list)
     return parser
@@ -62,15 +67,138 @@ def _train(args) -> int:
 
     output_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(config, output_dir, resume=args.resume, quiet=args.quiet)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one summary, not one per process
+        return 0
     if result.first_metrics and result.last_metrics:
         print(f"reward_mean: step {result.first_metrics['step']} {result.first_metrics['reward_mean']:.4f} -> "
               f"step {result.last_metrics['step']} {result.last_metrics['reward_mean']:.4f}")
     print(f"metrics:    {output_dir / 'metrics.jsonl'}")
     print(f"grids:      {output_dir / 'grids'}")
+    print(f"report:     {output_dir / 'report.html'}")
     if result.last_checkpoint:
         print(f"LoRA:       {result.last_checkpoint / 'pytorch_lora_weights.safetensors'}  "
               "(load with pipe.load_lora_weights(folder))")
     return 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="rewards and diversity of a base model and its checkpoints on fixed prompts and seeds",
+        description="Writes eval.json, eval.csv, tradeoff.png and grid.png; the base model is the first row.")
+    evaluate.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_RUN_DIR",
+                          help="a run folder (base model + every checkpoint), a checkpoint folder, or a model")
+    evaluate.add_argument("--samples-per-prompt", type=_positive_int, default=4, help="seeds per prompt (default 4)")
+    evaluate.add_argument("--seed", type=int, default=0, help="first seed; sample j uses seed S+j (default 0)")
+    evaluate.add_argument("--diversity", help="comma-separated metrics among pixel,latent,clip,lpips,dreamsim "
+                          "(default: every one that can run here)")
+    evaluate.add_argument("--clip-model", help="transformers CLIP (hub id or local copy) for the clip diversity "
+                          "metric (default: the image encoder of a CLIP-based reward in --rewards)")
+    evaluate.add_argument("--output-dir", help="default: <first run folder>/eval, else ./eval")
+    _add_sampling_options(evaluate)
+    evaluate.set_defaults(run=_evaluate)
+
+
+def _add_grid_parser(commands) -> None:
+    grid = commands.add_parser("grid", help="image grids: rows = checkpoints or models, columns = seeds",
+                               description="One page per prompt; FILE.png for one prompt, FILE-1.png, FILE-2.png, "
+                                           "... (prompt-file order) for several.")
+    grid.add_argument("targets", nargs="+", metavar="CHECKPOINT_OR_MODEL",
+                      help="a run folder (base model + every checkpoint), a checkpoint folder, or a model")
+    grid.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, one column each (default 0,1,2,3)")
+    grid.add_argument("--output", help="PNG file (default: <first run folder>/grid.png, else ./grid.png)")
+    _add_sampling_options(grid)
+    grid.set_defaults(run=_grid, num_prompts_default=1)
+
+
+def _add_sampling_options(parser) -> None:
+    parser.add_argument("--prompts", help="prompt file, one per line (default: the run's prompt file)")
+    parser.add_argument("--num-prompts", type=_positive_int, help="use the first N prompts (default: evaluate all, "
+                        "grid 1)")
+    parser.add_argument("--rewards", help="comma-separated reward names (default: the run's training reward)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="samples per batch (default 8)")
+    parser.add_argument("--num-steps", type=_positive_int, help="sampling steps (default: the run's sample.num_steps)")
+    parser.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's sample.guidance_scale)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's sample.eta)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="model weight dtype (default fp32)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _evaluate(args) -> int:
+    from diffrl.evaluation import evaluate, format_table, write_evaluation
+    from diffrl.report import write_report
+
+    targets, prompts, rewards, sample, device, dtype = _sampling_setup(args)
+    seeds = list(range(args.seed, args.seed + args.samples_per_prompt))
+    evaluation = evaluate(targets, prompts, seeds, rewards, sample, diversity=_names(args.diversity),
+                          clip_model=args.clip_model, batch_size=args.batch_size, device=device, dtype=dtype,
+                          quiet=args.quiet)
+    output_dir = Path(args.output_dir) if args.output_dir else _in_first_run(targets, "eval")
+    paths = write_evaluation(evaluation, output_dir)
+    # Each evaluated run's report.html gains this evaluation (trade-off plot, grid, table).
+    paths += [write_report(run_dir, output_dir) for run_dir in dict.fromkeys(
+        target.run_dir for target in targets if target.run_dir is not None)]
+    print(format_table(evaluation.rows))
+    for note in evaluation.notes:
+        print(f"note: {note}")
+    print(f"wrote:      {', '.join(str(path) for path in paths)}")
+    return 0
+
+
+def _grid(args) -> int:
+    from diffrl.errors import UserInputError
+    from diffrl.evaluation import grid_pages, page_paths
+    from diffrl.grids import save_image_atomic
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        raise UserInputError(f"--seeds must be comma-separated integers such as 0,1,2,3, got {args.seeds!r}") from None
+    targets, prompts, rewards, sample, device, dtype = _sampling_setup(args)
+    pages = grid_pages(targets, prompts, seeds, rewards, sample, batch_size=args.batch_size, device=device,
+                       dtype=dtype, quiet=args.quiet)
+    output = Path(args.output) if args.output else _in_first_run(targets, "grid.png")
+    for page, path in zip(pages, page_paths(output, len(pages))):
+        save_image_atomic(page, path)
+        print(f"wrote:      {path}")
+    return 0
+
+
+def _sampling_setup(args):
+    """What evaluate and grid share: rows, prompts, rewards (loaded once), sampler settings, device and dtype."""
+    import torch
+
+    from diffrl.evaluation import default_rewards, first_config, load_rewards, resolve_targets, sample_settings
+    from diffrl.training import load_prompts
+
+    targets = resolve_targets(args.targets)
+    config = first_config(targets)
+    prompt_file = args.prompts or (config.prompts if config else "assets/prompts/simple.txt")
+    prompts = load_prompts(prompt_file)[: args.num_prompts or getattr(args, "num_prompts_default", None)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rewards = load_rewards(_names(args.rewards) or default_rewards(targets), targets, device)
+    sample = sample_settings(targets, num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    return targets, prompts, rewards, sample, device, dtype
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+def _in_first_run(targets, name: str) -> Path:
+    """``name`` inside the first run folder among the targets, else in the current directory."""
+    run_dir = next((target.run_dir for target in targets if target.run_dir is not None), None)
+    return run_dir / name if run_dir else Path(name)
 
 
 def _list(args) -> int:

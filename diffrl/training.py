@@ -8,26 +8,29 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
 from diffrl.checkpoint import (TrainingState, checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints,
                                save_checkpoint)
-from diffrl.config import Config, save_config
+from diffrl.config import Config, config_to_dict, save_config
 from diffrl.errors import NonFiniteError, UserInputError, unknown_name
 from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import add_lora
 from diffrl.models import load_pipeline
 from diffrl.optimization import Optimization
+from diffrl.report import write_report
 from diffrl.sampler import SCHEDULES, SDSampler
 from diffrl.trainers import TRAINERS
 from rewards import load_reward
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TRACKER_PROJECT = "diffrl"  # the wandb project; also the TensorBoard subfolder: DIR/tensorboard/diffrl/
 
 
 @dataclass
@@ -100,7 +103,8 @@ def build_run(config: Config, output_dir: Path) -> Run:
     accelerator = _fresh_accelerator(
         mixed_precision=train_config.mixed_precision,
         gradient_accumulation_steps=train_config.gradient_accumulation_steps,
-        log_with=None if config.log.tracker == "none" else config.log.tracker, project_dir=str(output_dir))
+        log_with=None if config.log.tracker == "none" else config.log.tracker,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")))
     set_seed(train_config.seed)
     prompts = load_prompts(config.prompts)
     config_class, trainer_class = TRAINERS[config.trainer]
@@ -151,18 +155,46 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet
     run = build_run(config, output_dir)
     start = load_checkpoint(existing[-1], run.pipe.unet, run.state) if resume and existing else 0
     main = run.accelerator.is_main_process
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
-        if config.log.tracker != "none":
-            run.accelerator.init_trackers("diffrl")
-        if start == 0:
-            write_grid(run, output_dir, 0)
-        else:
-            _drop_metrics_after(output_dir / "metrics.jsonl", start)
-    result = _loop(run, output_dir, start, quiet or not main)
-    run.accelerator.end_training()
+    try:
+        if main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, output_dir / "config.yaml")
+            _start_trackers(run.accelerator, config, output_dir)
+            if start == 0:
+                write_grid(run, output_dir, 0)
+            else:
+                _drop_metrics_after(output_dir / "metrics.jsonl", start)
+            write_report(output_dir)
+        result = _loop(run, output_dir, start, quiet or not main)
+        if main:
+            write_report(output_dir)
+    finally:  # flush and close the tracker's files even when the run stops on an error
+        run.accelerator.end_training()
     return result
+
+
+def _start_trackers(accelerator: Accelerator, config: Config, output_dir: Path) -> None:
+    """TensorBoard logs go to DIR/tensorboard/; a wandb run is named after the run folder and keeps its files there."""
+    if config.log.tracker == "none":
+        return
+    accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(config),
+                              init_kwargs={"wandb": {"name": output_dir.resolve().name, "dir": str(output_dir)}})
+
+
+def flat_config(config: Config) -> dict[str, bool | int | float | str]:
+    """The resolved config as one level of dotted keys, the form tracker hyperparameter tables take: lists and None
+    become their JSON text, because TensorBoard's add_hparams accepts only scalars and strings."""
+    flat = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+    visit("", config_to_dict(config))
+    return flat
 
 
 def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
@@ -185,10 +217,13 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
         if accelerator.is_main_process and (done % log.every == 0 or done == steps):
             _append_metrics(output_dir / "metrics.jsonl", metrics)
             accelerator.log(metrics, step=done)
-        if done % log.grid_every == 0 or done == steps:
+        grid_due, checkpoint_due = done % log.grid_every == 0, done % log.checkpoint_every == 0
+        if grid_due or done == steps:
             write_grid(run, output_dir, done)
-        if done % log.checkpoint_every == 0 or done == steps:
+        if checkpoint_due or done == steps:
             last_checkpoint = _save(run, output_dir, done)
+        if accelerator.is_main_process and (grid_due or checkpoint_due) and done < steps:
+            write_report(output_dir)  # train() writes the last one, after the loop
     return RunResult(output_dir, steps, first, last, last_checkpoint)
 
 
@@ -253,7 +288,21 @@ def write_grid(run: Run, output_dir: Path, step: int) -> Path | None:
                       title=f"{run.config.model} step {step}")
     path = output_dir / "grids" / f"{checkpoint_name(step)}.png"
     save_image_atomic(grid, path)
+    log_grid_to_trackers(run.accelerator, grid, step)
     return path
+
+
+def log_grid_to_trackers(accelerator: Accelerator, grid, step: int) -> None:
+    """The grid as an image under the tag "grid". accelerate's own log_images wants image batches for TensorBoard,
+    hence the writer's add_image with an HWC array there; wandb takes a wandb.Image."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("grid", np.asarray(grid), global_step=step, dataformats="HWC")
+            tracker.writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"grid": wandb.Image(grid, caption=f"step {step}")}, step=step)
 
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from diffrl.checkpoint import list_checkpoints
 from diffrl.errors import NonFiniteError, UserInputError
 from diffrl.models import build_tiny_pipeline
-from diffrl.training import build_run, load_prompts, prompts_for_step, train
+from diffrl.training import build_run, flat_config, load_prompts, log_grid_to_trackers, prompts_for_step, train
 from tests.fixtures import fast_config
 
 SHORT = ["train.steps=3", "log.checkpoint_every=2", "log.grid_every=2", "sample.num_steps=2", "sample.batch_size=2"]
@@ -144,3 +147,38 @@ def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path):
     for got, expected in zip(accumulated_moments, whole_moments):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-9)
     assert max(m.abs().max() for m in whole_moments) > 0
+
+
+def test_tensorboard_tracker_gets_scalars_hparams_and_grid_images(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install -e '.[test]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(fast_config(*SHORT, "train.steps=1", "log.tracker=tensorboard"), tmp_path, quiet=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "diffrl"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    reward = events.Scalars("reward_mean")
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert [(e.step, round(e.value, 5)) for e in reward] == [(1, round(logged["reward_mean"], 5))]
+    grids = events.Images("grid")
+    assert [image.step for image in grids] == [0, 1]  # before training, and the last step
+    assert (grids[0].width, grids[0].height) == Image.open(tmp_path / "grids" / "step-000000.png").size
+    hparams = yaml.safe_load(next((tmp_path / "tensorboard" / "diffrl").glob("*/hparams.yml")).read_text())
+    assert hparams["train.steps"] == 1 and hparams["log.tracker"] == "tensorboard"
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_flat_config_gives_trackers_dotted_scalar_keys():
+    flat = flat_config(fast_config("reward={brightness: 1.0, contrast: 0.5}"))
+    assert flat["train.learning_rate"] == 1e-4 and flat["reward.contrast"] == 0.5
+    assert flat["log.grid_seeds"] == "[0, 1]" and flat["train.lora_alpha"] == "null"
+    assert all(isinstance(value, (bool, int, float, str)) for value in flat.values())
+
+
+def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
+    """wandb is not installed for the tests: a stand-in module records what the wandb tracker would receive."""
+    logged = []
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(Image=lambda image, caption: ("Image", image, caption)))
+    tracker = SimpleNamespace(name="wandb", log=lambda values, step: logged.append((values, step)))
+    grid = Image.new("RGB", (8, 8))
+    log_grid_to_trackers(SimpleNamespace(trackers=[tracker]), grid, 5)
+    assert logged == [({"grid": ("Image", grid, "step 5")}, 5)]
