@@ -241,6 +241,7 @@ class RowAccumulator:
         diversity = {name: dict(zip(("mean", "standard_error"), mean_and_standard_error(values)), per_prompt=values)
                      for name, values in self.diversity.items()}
         return {"name": target.name, "step": target.step, "model": target.model,
+                "run": str(target.run_dir) if target.run_dir else None,
                 "checkpoint": str(target.checkpoint) if target.checkpoint else None,
                 "samples": len(prompts) * len(seeds), "prompts": prompts, "seeds": seeds,
                 "rewards": rewards, "diversity": diversity}

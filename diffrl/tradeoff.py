@@ -8,6 +8,7 @@ prompts cannot tell two checkpoints apart.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from PIL import Image
 
@@ -30,23 +31,40 @@ def plot_tradeoff(rows: list[dict]) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-def _panel(axes, rows: list[dict], reward: str, metric: str) -> None:
-    """One reward against the diversity metric; checkpoints of a model joined in training order, bases as stars."""
-    by_model: dict[str, list[dict]] = {}
+def _series(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """One line per run (its model's base first, then its checkpoints in training order); a lone base is its own."""
+    bases = {row["model"]: row for row in rows if row["checkpoint"] is None}
+    runs: dict[tuple, list[dict]] = {}
     for row in rows:
-        by_model.setdefault(row["model"], []).append(row)
-    for color_index, model_rows in enumerate(by_model.values()):
+        if row["checkpoint"] is not None:
+            runs.setdefault((row["model"], row.get("run")), []).append(row)
+    series = [(Path(run).name if run else model, [bases[model]] * (model in bases) + checkpoints)
+              for (model, run), checkpoints in runs.items()]
+    covered = {model for model, _ in runs}
+    return series + [(model, [base]) for model, base in bases.items() if model not in covered]
+
+
+def _panel(axes, rows: list[dict], reward: str, metric: str) -> None:
+    """One reward against the diversity metric; each run's checkpoints joined in training order, bases as stars."""
+    series, drawn_bases = _series(rows), set()
+    for color_index, (label, series_rows) in enumerate(series):
         color = f"C{color_index}"
-        x = [row["diversity"][metric]["mean"] for row in model_rows]
-        y = [row["rewards"][reward]["mean"] for row in model_rows]
-        axes.plot(x, y, color=color, alpha=0.4, linewidth=1)
-        for row, x_value, y_value in zip(model_rows, x, y):
+        x = [row["diversity"][metric]["mean"] for row in series_rows]
+        y = [row["rewards"][reward]["mean"] for row in series_rows]
+        axes.plot(x, y, color=color, alpha=0.4, linewidth=1, label=label if len(series) > 1 else None)
+        for row, x_value, y_value in zip(series_rows, x, y):
             base = row["checkpoint"] is None
+            if base and row["model"] in drawn_bases:   # a base shared by several runs: one star, one label
+                continue
+            if base:
+                drawn_bases.add(row["model"])
             axes.errorbar(x_value, y_value, xerr=row["diversity"][metric]["standard_error"],
-                          yerr=row["rewards"][reward]["standard_error"], color=color, capsize=3,
-                          marker="*" if base else "o", markersize=12 if base else 6, linestyle="none")
-            label = row["name"] if base or row["step"] is None else f"step {row['step']}"
-            axes.annotate(label, (x_value, y_value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                          yerr=row["rewards"][reward]["standard_error"], color="black" if base else color,
+                          capsize=3, marker="*" if base else "o", markersize=12 if base else 6, linestyle="none")
+            text = "base" if base else (row["name"] if row["step"] is None else f"step {row['step']}")
+            axes.annotate(text, (x_value, y_value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if len(series) > 1:
+        axes.legend(fontsize=8)
     axes.set_xlabel(f"{metric} diversity (mean pairwise distance, ± s.e.)")
     axes.set_ylabel(f"{reward} (mean ± s.e. over prompts)")
     axes.set_title(f"{reward} vs {metric} diversity (★ = base model)")

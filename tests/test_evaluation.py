@@ -55,7 +55,7 @@ def test_evaluate_writes_the_documented_files_and_keys(evaluation, tmp_path):
     rows = written["checkpoints"]
     assert [(row["name"], row["step"]) for row in rows] == [("base", 0), ("step-000001", 1), ("step-000002", 2)]
     for row in rows:
-        assert set(row) == {"name", "step", "model", "checkpoint", "samples", "prompts", "seeds", "rewards",
+        assert set(row) == {"name", "step", "model", "run", "checkpoint", "samples", "prompts", "seeds", "rewards",
                             "diversity"}
         assert row["samples"] == 6 and row["seeds"] == SEEDS and row["prompts"] == PROMPTS
         assert set(row["rewards"]) == {"brightness", "contrast"} and set(row["diversity"]) == {"pixel", "latent"}
@@ -159,3 +159,16 @@ def test_bad_input_exits_2_with_one_sentence(args, expected, tiny_run, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert expected in err and err.startswith("diffrl: error:") and len(err.splitlines()) == 1
+
+
+def test_tradeoff_draws_one_line_per_run_starting_at_its_base():
+    from diffrl.tradeoff import _series
+
+    def row(run, step):
+        return {"model": "tiny", "run": run, "step": step, "checkpoint": None if step == 0 else f"{run}/ck{step}"}
+
+    rows = [row("/r/a", 0), row("/r/a", 1), row("/r/a", 2), row("/r/b", 1)]
+    series = _series(rows)
+    assert [(label, [(r["run"], r["step"]) for r in members]) for label, members in series] == [
+        ("a", [("/r/a", 0), ("/r/a", 1), ("/r/a", 2)]), ("b", [("/r/a", 0), ("/r/b", 1)])]
+    assert _series([row(None, 0)]) == [("tiny", [row(None, 0)])]
