@@ -24,6 +24,7 @@ from rewards.hps import HPSReward
 from rewards.image_reward import ImageRewardModel
 from rewards.mix import MixReward
 from rewards.pickscore import PickScoreReward
+from rewards.shapes import ShapesAccuracyReward, ShapesAlignmentReward
 from rewards.statistics import BrightnessReward, ContrastReward, SaturationReward
 
 _torchvision_compat.install()  # the CLIP rewards import transformers/open_clip, which import torchvision
@@ -55,6 +56,8 @@ REWARDS = {
     "brightness": BrightnessReward,
     "saturation": SaturationReward,
     "contrast": ContrastReward,
+    "shapes_alignment": ShapesAlignmentReward,
+    "shapes_accuracy": ShapesAccuracyReward,
     "compressibility": CompressibilityReward,
     "incompressibility": IncompressibilityReward,
     "aesthetic": AestheticReward,
