@@ -5,6 +5,8 @@ Layout (DESIGN.md §3.2):
     checkpoints/step-000100/training_state/{optimizer,lr_scheduler,trainer,rng}.pt, state.json
 A checkpoint is built in a hidden temporary folder and renamed into place, so a crash mid-save never leaves a
 half-written ``step-*`` folder. Everything is read back with ``torch.load(weights_only=True)`` (no pickle code).
+At resume, leftovers of an interrupted save are cleaned up and a checkpoint that fails to load is reported by name
+and set aside, so the run continues from the newest one that loads.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,9 @@ import torch
 from diffrl.lora import LORA_WEIGHTS_NAME, load_lora_into, save_lora
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
+# Test-only fault injection: a save of this step stops after the LoRA file, touches PAUSED and sleeps, so a test can
+# SIGKILL the process in the middle of writing a checkpoint (tests/test_checkpoint.py).
+PAUSE_SAVE_AT_STEP = "DIFFRL_TEST_PAUSE_SAVE_AT_STEP"
 
 
 def checkpoint_name(step: int) -> str:
@@ -38,19 +44,27 @@ class TrainingState:
     trainer: object
 
 
-def save_checkpoint(run_dir: Path, step: int, unet, state: TrainingState) -> Path:
+def save_checkpoint(run_dir: Path, step: int, unet, state: TrainingState, info: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically; ``info`` (JSON) joins the step in training_state/state.json."""
     final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "training_state").mkdir(parents=True)
     save_lora(unet, tmp)
+    _pause_if_requested(step, tmp)
     torch.save(state.optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
     torch.save(state.lr_scheduler.state_dict(), tmp / "training_state" / "lr_scheduler.pt")
     torch.save(state.trainer.state_dict(), tmp / "training_state" / "trainer.pt")
     torch.save(_rng_state(), tmp / "training_state" / "rng.pt")
-    (tmp / "training_state" / "state.json").write_text(json.dumps({"step": step}))
+    (tmp / "training_state" / "state.json").write_text(json.dumps({**(info or {}), "step": step}))
     _replace_dir(tmp, final)
     return final
+
+
+def _pause_if_requested(step: int, tmp: Path) -> None:
+    if os.environ.get(PAUSE_SAVE_AT_STEP) == str(step):
+        (tmp / "PAUSED").touch()
+        time.sleep(3600)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -73,11 +87,70 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
             and (p / "training_state" / "state.json").is_file()]
 
 
+def recover_interrupted_saves(run_dir: Path) -> list[str]:
+    """Clean up after a process killed while saving; returns one note per folder touched.
+
+    A ``.tmp-step-N`` folder is a save that never finished: removed. A ``.old-step-N`` folder without its
+    ``step-N`` is a complete checkpoint caught between the two renames of _replace_dir: put back.
+    """
+    folder, notes = Path(run_dir) / "checkpoints", []
+    for path in sorted(folder.glob(".tmp-step-*")) if folder.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)
+        notes.append(f"removed {path.name}, a checkpoint whose save was interrupted")
+    for path in sorted(folder.glob(".old-step-*")) if folder.is_dir() else []:
+        final = path.with_name(path.name.removeprefix(".old-"))
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.replace(path, final)
+            notes.append(f"restored {final.name} from {path.name}, left by an interrupted save")
+    return notes
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
     for path in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def load_latest_checkpoint(run_dir: Path, unet, state: TrainingState, *, set_aside: bool = True
+                           ) -> tuple[Path | None, dict, list[str]]:
+    """Load the newest checkpoint that loads: (its path, its state.json, notes on the ones set aside).
+
+    Newer checkpoints that failed (a truncated file) are renamed to ``.bad-step-N``, so that later saves and
+    listings skip them, and each is named in a note. If none loads (often a config naming another model), nothing
+    is renamed and the error lists every failure. In a multi-process run only the main process sets aside. Loading overwrites every restored object in full, so a checkpoint
+    that failed half-way leaves nothing behind once an older one has loaded.
+    """
+    failures = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path, unet, state)
+        except Exception as error:  # noqa: BLE001  any failure to read a checkpoint means: try the previous one
+            message = str(error).strip().splitlines()
+            failures.append((path, f"{type(error).__name__}: {message[0] if message else ''}"))
+            continue
+        notes = [_set_aside(bad, reason, path) for bad, reason in failures] if set_aside else []
+        return path, read_checkpoint_info(path), notes
+    if failures:
+        from diffrl.errors import UserInputError
+
+        listed = "; ".join(f"{path.name} ({reason})" for path, reason in failures)
+        raise UserInputError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} could be loaded with this config's "
+                             f"model and adapter: {listed}")
+    return None, {"step": 0}, []
+
+
+def _set_aside(path: Path, reason: str, resumed: Path) -> str:
+    bad = path.with_name(f".bad-{path.name}")
+    shutil.rmtree(bad, ignore_errors=True)
+    os.replace(path, bad)
+    return f"checkpoint {path.name} could not be loaded ({reason}); moved it to {bad.name}, resuming from {resumed.name}"
+
+
+def read_checkpoint_info(path: Path) -> dict:
+    return json.loads((Path(path) / "training_state" / "state.json").read_text())
 
 
 def load_checkpoint(path: Path, unet, state: TrainingState) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +18,8 @@ from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
-from diffrl.checkpoint import (TrainingState, checkpoint_name, list_checkpoints, load_checkpoint, prune_checkpoints,
-                               save_checkpoint)
+from diffrl.checkpoint import (TrainingState, checkpoint_name, list_checkpoints, load_latest_checkpoint,
+                               prune_checkpoints, recover_interrupted_saves, save_checkpoint)
 from diffrl.config import Config, config_to_dict, save_config
 from diffrl.errors import NonFiniteError, UserInputError, unknown_name
 from diffrl.grids import image_grid, save_image_atomic
@@ -80,6 +82,7 @@ class Run:
     trainer: object
     state: TrainingState
     prompts: list[str]
+    nonfinite_skips: int = 0   # steps undone so far for a NaN/inf (train.max_nonfinite_skips); saved in checkpoints
 
 
 def check_environment(config: Config) -> None:
@@ -115,7 +118,7 @@ def build_run(config: Config, output_dir: Path) -> Run:
     pipe = load_pipeline(config.model, dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False)
-    params = add_lora(pipe.unet, train_config.lora_rank, train_config.lora_alpha, train_config.lora_target_modules)
+    params = _add_lora(pipe.unet, train_config)
     sample = config.sample
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                         negative_prompt=sample.negative_prompt,
@@ -136,6 +139,17 @@ def build_run(config: Config, output_dir: Path) -> Run:
                prompts)
 
 
+def _add_lora(unet, train_config) -> list[torch.nn.Parameter]:
+    """peft (NoMatchingPeftModuleError) and add_lora raise ValueError when no module name matches the targets."""
+    try:
+        return add_lora(unet, train_config.lora_rank, train_config.lora_alpha, train_config.lora_target_modules)
+    except ValueError as error:
+        if "not found" not in str(error) and "no UNet module matched" not in str(error):
+            raise
+        raise UserInputError(f"train.lora_target_modules {train_config.lora_target_modules} match no module of "
+                             "the UNet; use attention projection names such as to_q, to_k, to_v, to_out.0") from None
+
+
 def _fresh_accelerator(**settings) -> Accelerator:
     """An Accelerator with these settings even if this process built one before (a notebook, tests, train then
     evaluate). accelerate keeps mixed precision and accumulation in process-wide singletons that refuse a change;
@@ -153,7 +167,7 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet
         raise UserInputError(f"{output_dir} already holds checkpoints ({existing[-1].name}); pass --resume to "
                              "continue that run or choose another --output-dir")
     run = build_run(config, output_dir)
-    start = load_checkpoint(existing[-1], run.pipe.unet, run.state) if resume and existing else 0
+    start = _resume(run, output_dir) if resume else 0
     main = run.accelerator.is_main_process
     try:
         if main:
@@ -171,6 +185,20 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet
     finally:  # flush and close the tracker's files even when the run stops on an error
         run.accelerator.end_training()
     return result
+
+
+def _resume(run: Run, output_dir: Path) -> int:
+    """Load the newest checkpoint that loads, after cleaning up an interrupted save; returns its step."""
+    accelerator = run.accelerator
+    main = accelerator.is_main_process
+    notes = recover_interrupted_saves(output_dir) if main else []
+    accelerator.wait_for_everyone()  # the other processes list checkpoints only after the clean-up
+    _, info, set_aside = load_latest_checkpoint(output_dir, run.pipe.unet, run.state, set_aside=main)
+    accelerator.wait_for_everyone()
+    for note in notes + set_aside:
+        print(f"diffrl: note: {note}", file=sys.stderr)
+    run.nonfinite_skips = info.get("nonfinite_skips", 0)
+    return info["step"]
 
 
 def _start_trackers(accelerator: Accelerator, config: Config, output_dir: Path) -> None:
@@ -206,15 +234,18 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
     for step in bar:
         prompts = prompts_for_step(run.prompts, step, config.sample.batch_size, config.train.seed,
                                    accelerator.process_index, accelerator.num_processes)
+        undo = _snapshot(run) if config.train.max_nonfinite_skips else None
         with accelerator.autocast():
             metrics = run.trainer.step(prompts)
         metrics = _mean_over_processes(accelerator, metrics)
         done = step + 1
-        _check_finite(metrics, done, last_checkpoint)
-        metrics = {"step": done, **metrics, "lr": run.state.lr_scheduler.get_last_lr()[0]}
-        first, last = first or metrics, metrics
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.4g}")
-        if accelerator.is_main_process and (done % log.every == 0 or done == steps):
+        if bad := _non_finite(metrics):
+            metrics = _skip_step(run, undo, metrics, bad, done, last_checkpoint)
+        else:
+            metrics = {"step": done, **metrics, "lr": run.state.lr_scheduler.get_last_lr()[0]}
+            first, last = first or metrics, metrics
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.4g}")
+        if accelerator.is_main_process and (done % log.every == 0 or done == steps or bad):
             _append_metrics(output_dir / "metrics.jsonl", metrics)
             accelerator.log(metrics, step=done)
         grid_due, checkpoint_due = done % log.grid_every == 0, done % log.checkpoint_every == 0
@@ -234,11 +265,52 @@ def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) ->
     return dict(zip(metrics, accelerator.reduce(values, reduction="mean").tolist()))
 
 
-def _check_finite(metrics: dict[str, float], step: int, last_checkpoint: Path | None) -> None:
-    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad:
+def _non_finite(metrics: dict[str, float]) -> list[str]:
+    return [name for name, value in metrics.items() if not math.isfinite(value)]
+
+
+def _skip_step(run: Run, undo: dict | None, metrics: dict[str, float], bad: list[str], step: int,
+               last_checkpoint: Path | None) -> dict:
+    """Undo a step whose loss, reward or grad norm was NaN/inf and return its metrics row, or stop the run when
+    that would exceed train.max_nonfinite_skips (0: stop at the first)."""
+    allowed = run.config.train.max_nonfinite_skips
+    what = f"{', '.join(bad)} became non-finite"
+    if run.nonfinite_skips >= allowed:
         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        raise NonFiniteError(f"step {step}: {', '.join(bad)} became non-finite; stopping the run ({kept})")
+        over = f" after {allowed} skipped steps (train.max_nonfinite_skips={allowed})" if allowed else ""
+        raise NonFiniteError(f"step {step}: {what}{over}; stopping the run ({kept})")
+    _restore(run, undo)
+    run.nonfinite_skips += 1
+    if run.accelerator.is_main_process:
+        tqdm.write(f"diffrl: step {step} skipped: {what} ({run.nonfinite_skips} of {allowed} skips allowed)",
+                   file=sys.stderr)
+    finite = {name: value for name, value in metrics.items() if name not in bad}
+    return {"step": step, "skipped": what, "nonfinite_skips": run.nonfinite_skips, **finite}
+
+
+def _snapshot(run: Run) -> dict:
+    """What one step changes (weights, gradients being accumulated, optimiser, schedule, trainer state such as
+    DDPO's per-prompt reward buffers), copied so that a NaN/inf step can be undone as if it never ran. LoRA
+    weights and their optimiser state are small, so the copy costs little next to the step itself."""
+    params = [p for group in run.state.optimizer.param_groups for p in group["params"]]
+    return {"params": [p.detach().clone() for p in params],
+            "grads": [None if p.grad is None else p.grad.clone() for p in params],
+            "optimizer": copy.deepcopy(run.state.optimizer.state_dict()),
+            "lr_scheduler": copy.deepcopy(run.state.lr_scheduler.state_dict()),
+            "trainer": copy.deepcopy(run.state.trainer.state_dict()),
+            "accumulation_step": run.accelerator.step}
+
+
+@torch.no_grad()
+def _restore(run: Run, snapshot: dict) -> None:
+    params = [p for group in run.state.optimizer.param_groups for p in group["params"]]
+    for param, value, grad in zip(params, snapshot["params"], snapshot["grads"]):
+        param.copy_(value)
+        param.grad = grad
+    run.state.optimizer.load_state_dict(snapshot["optimizer"])
+    run.state.lr_scheduler.load_state_dict(snapshot["lr_scheduler"])
+    run.state.trainer.load_state_dict(snapshot["trainer"])
+    run.accelerator.step = snapshot["accumulation_step"]
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -263,7 +335,8 @@ def _save(run: Run, output_dir: Path, step: int) -> Path:
     accelerator.wait_for_everyone()
     path = output_dir / "checkpoints" / checkpoint_name(step)
     if accelerator.is_main_process:
-        save_checkpoint(output_dir, step, accelerator.unwrap_model(run.pipe.unet), run.state)
+        save_checkpoint(output_dir, step, accelerator.unwrap_model(run.pipe.unet), run.state,
+                        info={"nonfinite_skips": run.nonfinite_skips})
         prune_checkpoints(output_dir, run.config.log.keep_last)
     accelerator.wait_for_everyone()
     return path

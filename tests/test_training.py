@@ -78,6 +78,53 @@ def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_checkpoint(tmp
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
 
 
+class NanOnThirdCall(torch.nn.Module):
+    """Brightness, except NaN on the third call: with the step-0 grid first, the reward of training step 2."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images, prompts):
+        self.calls += 1
+        brightness = images.mean(dim=(1, 2, 3))
+        return brightness * float("nan") if self.calls == 3 else brightness
+
+
+def test_max_nonfinite_skips_undoes_the_step_and_logs_it(tmp_path):
+    config = fast_config(*SHORT, "train.steps=3", "log.checkpoint_every=1", "train.max_nonfinite_skips=1",
+                         "reward=tests.test_training:NanOnThirdCall", "train.learning_rate=1.0e-2")
+    result = train(config, tmp_path, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert rows[1]["skipped"].startswith("loss, reward_mean") and rows[1]["nonfinite_skips"] == 1
+    assert "skipped" not in rows[0] and "skipped" not in rows[2] and result.last_metrics["step"] == 3
+    checkpoints = tmp_path / "checkpoints"
+    from safetensors.torch import load_file
+
+    before, skipped, after = (load_file(checkpoints / f"step-00000{n}" / "pytorch_lora_weights.safetensors")
+                              for n in (1, 2, 3))
+    assert all(torch.equal(before[k], skipped[k]) for k in before)  # no update at all from the NaN step
+    assert all(torch.isfinite(after[k]).all() for k in after) and any(not torch.equal(after[k], before[k])
+                                                                      for k in after)
+    optimizer = [torch.load(checkpoints / f"step-00000{n}" / "training_state" / "optimizer.pt") for n in (1, 2)]
+    assert optimizer[0]["state"][0]["step"] == optimizer[1]["state"][0]["step"] == 1
+    assert json.loads((checkpoints / "step-000003" / "training_state" / "state.json").read_text()) == {
+        "nonfinite_skips": 1, "step": 3}
+
+
+def test_more_non_finite_steps_than_allowed_stop_the_run(tmp_path):
+    config = fast_config(*SHORT, "train.steps=5", "log.checkpoint_every=1", "train.max_nonfinite_skips=1",
+                         "reward=tests.fixtures:NanAfterTwoCalls")
+    with pytest.raises(NonFiniteError, match=r"step 3: loss, reward_mean.* after 1 skipped steps"):
+        train(config, tmp_path, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row.get("skipped", "")[:17] for row in rows] == ["", "loss, reward_mean"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+
+
 def test_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     import diffrl.checkpoint as checkpoint
 
@@ -182,3 +229,26 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     grid = Image.new("RGB", (8, 8))
     log_grid_to_trackers(SimpleNamespace(trackers=[tracker]), grid, 5)
     assert logged == [({"grid": ("Image", grid, "step 5")}, 5)]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["sample.resolution=101"], "resolution 101 must be a multiple of"),
+    (["train.lora_target_modules=[nope]"], "train.lora_target_modules ['nope'] match no module of the UNet"),
+    (["trainer=adjoint_matching", "reward=compressibility", "sample.eta=1.0"], "is not differentiable"),
+    (["trainer=adjoint_matching", "sample.eta=0.5"], "set sample.eta=1 (got 0.5)"),
+    (["trainer=ddpo", "sample.eta=0"], "DDPO optimises the likelihood of stochastic steps: set sample.eta > 0"),
+    (["sample.num_steps=abc"], "sample.num_steps must be int, got 'abc'"),
+    (["log.tracker=off"], "quote it, YAML reads bare no/yes/on/off as true/false"),
+    (["train.max_nonfinite_skips=-1"], "train.max_nonfinite_skips must be >= 0, got -1"),
+    (["prompts={tmp}/empty.txt"], "holds no prompts"),
+    (["model={tmp}/nowhere"], "unknown model"),
+])
+def test_bad_input_catalogue_exits_2_with_one_sentence(overrides, expected, tmp_path, capsys):
+    """The rows of docs/bad_input.md not covered in tests/test_cli.py; the CLI called in-process."""
+    from diffrl.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n")
+    code = main(["train", "assets/configs/tiny-draft.yaml", *[o.format(tmp=tmp_path) for o in overrides],
+                 *SHORT, "--quiet", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and err.startswith("diffrl: error:") and len(err.splitlines()) == 1
