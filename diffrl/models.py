@@ -76,8 +76,23 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return build_random_sd1_pipeline(SD15_ARCHITECTURE, seed)
 
 
+# The ShapesWorld model the project trains itself; a folder in the checkout, not in the wheel.
+SHAPES_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "shapes"
+SHAPES_BUILD_COMMAND = "python3 scripts/pretrain_shapesworld.py"
+
+
+def load_shapes_pipeline() -> StableDiffusionPipeline:
+    """The pretrained ShapesWorld model (64 px, coloured shapes) from SHAPES_MODEL_DIR, offline."""
+    if not (SHAPES_MODEL_DIR / "model_index.json").is_file():
+        raise UserInputError(f"the built-in model 'shapes' is missing: {SHAPES_MODEL_DIR} holds no diffusers "
+                             f"pipeline; build it from the repository root with `{SHAPES_BUILD_COMMAND}`")
+    return _from_pretrained(str(SHAPES_MODEL_DIR), torch.float32)
+
+
 BUILTIN_MODELS = {
     "tiny": (build_tiny_pipeline, "SD-1.x architecture at toy size with random weights (32 px, for tests and demos)"),
+    "shapes": (load_shapes_pipeline, "ShapesWorld text-to-image model trained by the project (64 px coloured "
+                                     f"shapes; built by {SHAPES_BUILD_COMMAND})"),
     "sd15-random": (build_sd15_random_pipeline,
                     "SD 1.5 architecture with random weights (benchmarks; ~1.0 B params, no download)"),
 }

@@ -68,10 +68,10 @@ def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-@functools.lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+@functools.lru_cache(maxsize=4)
+def _vocab_and_merges(corpus: tuple[str, ...], num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     base = list(bytes_to_unicode().values())
-    merges = learn_merges(CORPUS, NUM_MERGES)
+    merges = learn_merges(list(corpus), num_merges)
     tokens = base + [c + "</w>" for c in base] + ["".join(pair) for pair in merges] + list(SPECIAL_TOKENS)
     vocab = {}
     for token in tokens:  # a merge can recreate an existing token; keep the first id
@@ -80,5 +80,10 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def build_tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    vocab, merges = _vocab_and_merges()
+    return build_bpe_tokenizer(CORPUS, NUM_MERGES, model_max_length)
+
+
+def build_bpe_tokenizer(corpus: list[str], num_merges: int, model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIPTokenizer whose BPE merges are learned from `corpus` (words; repeats weigh a word more)."""
+    vocab, merges = _vocab_and_merges(tuple(corpus), num_merges)
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
