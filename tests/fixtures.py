@@ -73,3 +73,20 @@ def learning_run(run, steps: int, batch_size: int) -> tuple[float, float, float]
         run.trainer.step(prompts_for_step(run.prompts, step, batch_size, seed=0))
     change = max((p - initial[n]).abs().max().item() for n, p in lora_state(run.pipe.unet).items())
     return before, fixed_seed_reward(run), change
+
+
+def straight_and_resumed_states(make_config, tmp_path, *overrides: str) -> tuple[dict, dict]:
+    """Train 4 steps straight and 2 + resume to 4; assert equal LoRA weights; return both final trainer states."""
+    from safetensors.torch import load_file
+
+    from diffrl.training import train
+
+    overrides = ["log.checkpoint_every=2", "log.grid_every=100", "train.learning_rate=1.0e-3", *overrides]
+    train(make_config("train.steps=4", *overrides), tmp_path / "straight", quiet=True)
+    train(make_config("train.steps=2", *overrides), tmp_path / "resumed", quiet=True)
+    train(make_config("train.steps=4", *overrides), tmp_path / "resumed", quiet=True, resume=True)
+    final = "checkpoints/step-000004"
+    a, b = (load_file(tmp_path / run / final / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return tuple(torch.load(tmp_path / run / final / "training_state" / "trainer.pt", weights_only=True)
+                 for run in ("straight", "resumed"))

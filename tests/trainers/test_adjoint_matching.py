@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file
 
 from diffrl.errors import UserInputError
 from diffrl.gaussian import ddim_std
 from diffrl.trainers.adjoint_matching import (QuantileClip, control_matching_loss, lean_adjoint, loss_steps,
                                               terminal_adjoint)
-from diffrl.training import build_run, train
-from tests.fixtures import fast_config, learning_run
+from diffrl.training import build_run
+from tests.fixtures import fast_config, learning_run, straight_and_resumed_states
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -190,16 +189,7 @@ def test_schedule_preset_uses_trailing_spacing_and_keeps_the_last_step_noisy(tmp
 
 
 def test_resume_continues_exactly_with_the_clip_threshold(tmp_path):
-    overrides = ["train.steps=4", "log.checkpoint_every=2", "log.grid_every=100", "train.learning_rate=1.0e-3"]
-    train(_config(*overrides), tmp_path / "straight", quiet=True)
-    train(_config(*overrides[1:], "train.steps=2"), tmp_path / "resumed", quiet=True)
-    train(_config(*overrides), tmp_path / "resumed", quiet=True, resume=True)
-    final = "checkpoints/step-000004"
-    a = load_file(tmp_path / "straight" / final / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "resumed" / final / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state_a, state_b = (torch.load(tmp_path / run / final / "training_state" / "trainer.pt", weights_only=True)
-                        for run in ("straight", "resumed"))
+    state_a, state_b = straight_and_resumed_states(_config, tmp_path)
     assert state_a["clip_threshold"] == state_b["clip_threshold"] is not None
 
 

@@ -4,13 +4,12 @@ a learning test."""
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
 
 from diffrl.trajectory import Trajectory
-from diffrl.training import build_run, train
+from diffrl.training import build_run
 from diffrl.trainers.dpok import TransitionBuffer, pooled_text_embeddings
 from tests.conftest import perturb_lora
-from tests.fixtures import fast_config, learning_run
+from tests.fixtures import fast_config, learning_run, straight_and_resumed_states
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -110,17 +109,7 @@ def test_value_network_fits_the_rewards(tmp_path):
 
 
 def test_resume_continues_exactly_with_buffer_and_value_network(tmp_path):
-    overrides = ["train.steps=4", "log.checkpoint_every=2", "log.grid_every=100", "train.learning_rate=1.0e-3",
-                 "dpok.buffer_size=20"]
-    train(_config(*overrides), tmp_path / "straight", quiet=True)
-    train(_config(*overrides[1:], "train.steps=2"), tmp_path / "resumed", quiet=True)
-    train(_config(*overrides), tmp_path / "resumed", quiet=True, resume=True)
-    final = "checkpoints/step-000004"
-    a = load_file(tmp_path / "straight" / final / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "resumed" / final / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state_a, state_b = (torch.load(tmp_path / run / final / "training_state" / "trainer.pt", weights_only=True)
-                        for run in ("straight", "resumed"))
+    state_a, state_b = straight_and_resumed_states(_config, tmp_path, "dpok.buffer_size=20")
     assert state_a["round"] == state_b["round"] == 4
     assert all(torch.equal(state_a["value_net"][k], state_b["value_net"][k]) for k in state_a["value_net"])
     assert state_a["buffer"]["prompts"] == state_b["buffer"]["prompts"]
