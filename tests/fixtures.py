@@ -18,10 +18,11 @@ def lora_state(unet) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in unet.named_parameters() if "lora_" in name}
 
 
-class NanAfterTwoCalls(torch.nn.Module):
-    """Brightness for two calls, then NaN: a stand-in for a reward model that blows up mid-run."""
+class NanRewardBase(torch.nn.Module):
+    """Brightness, NaN on the calls in `nan_calls` (1-based): a reward model that blows up mid-run."""
 
     differentiable = True
+    nan_calls: range = range(0)
 
     def __init__(self):
         super().__init__()
@@ -30,7 +31,13 @@ class NanAfterTwoCalls(torch.nn.Module):
     def forward(self, images, prompts):
         self.calls += 1
         brightness = images.mean(dim=(1, 2, 3))
-        return brightness if self.calls <= 2 else brightness * float("nan")
+        return brightness * float("nan") if self.calls in self.nan_calls else brightness
+
+
+class NanAfterTwoCalls(NanRewardBase):
+    """Brightness for two calls, then NaN for good."""
+
+    nan_calls = range(3, 1 << 30)
 
 
 class HostBrightness:

@@ -15,7 +15,7 @@ from diffrl.checkpoint import list_checkpoints
 from diffrl.errors import NonFiniteError, UserInputError
 from diffrl.models import build_tiny_pipeline
 from diffrl.training import build_run, flat_config, load_prompts, log_grid_to_trackers, prompts_for_step, train
-from tests.fixtures import fast_config
+from tests.fixtures import NanRewardBase, fast_config
 
 SHORT = ["train.steps=3", "log.checkpoint_every=2", "log.grid_every=2", "sample.num_steps=2", "sample.batch_size=2"]
 
@@ -78,19 +78,10 @@ def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_checkpoint(tmp
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
 
 
-class NanOnThirdCall(torch.nn.Module):
+class NanOnThirdCall(NanRewardBase):
     """Brightness, except NaN on the third call: with the step-0 grid first, the reward of training step 2."""
 
-    differentiable = True
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, images, prompts):
-        self.calls += 1
-        brightness = images.mean(dim=(1, 2, 3))
-        return brightness * float("nan") if self.calls == 3 else brightness
+    nan_calls = range(3, 4)
 
 
 def test_max_nonfinite_skips_undoes_the_step_and_logs_it(tmp_path):
@@ -109,7 +100,8 @@ def test_max_nonfinite_skips_undoes_the_step_and_logs_it(tmp_path):
     assert all(torch.equal(before[k], skipped[k]) for k in before)  # no update at all from the NaN step
     assert all(torch.isfinite(after[k]).all() for k in after) and any(not torch.equal(after[k], before[k])
                                                                       for k in after)
-    optimizer = [torch.load(checkpoints / f"step-00000{n}" / "training_state" / "optimizer.pt") for n in (1, 2)]
+    optimizer = [torch.load(checkpoints / f"step-00000{n}" / "training_state" / "optimizer.pt", weights_only=True)
+                 for n in (1, 2)]
     assert optimizer[0]["state"][0]["step"] == optimizer[1]["state"][0]["step"] == 1
     assert json.loads((checkpoints / "step-000003" / "training_state" / "state.json").read_text()) == {
         "nonfinite_skips": 1, "step": 3}
