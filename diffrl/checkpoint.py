@@ -3,6 +3,11 @@
 Layout (DESIGN.md §3.2):
     checkpoints/step-000100/pytorch_lora_weights.safetensors
     checkpoints/step-000100/training_state/{optimizer,lr_scheduler,trainer,rng}.pt, state.json
+    checkpoints/step-000100/training_state/loss_scaler.pt                 (fp16 runs: GradScaler's scale)
+    checkpoints/step-000100/training_state/process-1/{trainer,rng}.pt     (multi-process runs: one per extra process)
+Weights, optimiser and schedule are the same in every process and written by the main one; each process writes its
+own RNG state (processes draw different noise) and trainer state (DPOK's replay buffer holds that process's own
+transitions), so a multi-process run resumes exactly too.
 A checkpoint is built in a hidden temporary folder and renamed into place, so a crash mid-save never leaves a
 half-written ``step-*`` folder. Everything is read back with ``torch.load(weights_only=True)`` (no pickle code).
 At resume, leftovers of an interrupted save are cleaned up and a checkpoint that fails to load is reported by name
@@ -19,6 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,23 +48,52 @@ class TrainingState:
     optimizer: object
     lr_scheduler: object
     trainer: object
+    loss_scaler: object | None = None   # fp16 loss scaling (Optimization); its state_dict is empty otherwise
 
 
-def save_checkpoint(run_dir: Path, step: int, unet, state: TrainingState, info: dict | None = None) -> Path:
-    """Write checkpoints/step-N atomically; ``info`` (JSON) joins the step in training_state/state.json."""
+@dataclass
+class Processes:
+    """This process's place in a multi-process run and how to wait for the others; the defaults are one process."""
+
+    index: int = 0
+    count: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+
+def save_checkpoint(run_dir: Path, step: int, unet, state: TrainingState, info: dict | None = None,
+                    processes: Processes = Processes()) -> Path:
+    """Write checkpoints/step-N atomically; ``info`` (JSON) joins the step in training_state/state.json.
+
+    In a multi-process run every process calls this: the main process writes the shared files, each process its own
+    state, and the main process renames the folder into place once all have written.
+    """
     final = Path(run_dir) / "checkpoints" / checkpoint_name(step)
     tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "training_state").mkdir(parents=True)
-    save_lora(unet, tmp)
-    _pause_if_requested(step, tmp)
-    torch.save(state.optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
-    torch.save(state.lr_scheduler.state_dict(), tmp / "training_state" / "lr_scheduler.pt")
-    torch.save(state.trainer.state_dict(), tmp / "training_state" / "trainer.pt")
-    torch.save(_rng_state(), tmp / "training_state" / "rng.pt")
-    (tmp / "training_state" / "state.json").write_text(json.dumps({**(info or {}), "step": step}))
-    _replace_dir(tmp, final)
+    main = processes.index == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "training_state").mkdir(parents=True)
+        save_lora(unet, tmp)
+        _pause_if_requested(step, tmp)
+        torch.save(state.optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
+        torch.save(state.lr_scheduler.state_dict(), tmp / "training_state" / "lr_scheduler.pt")
+        if state.loss_scaler is not None and (scaler := state.loss_scaler.state_dict()):
+            torch.save(scaler, tmp / "training_state" / "loss_scaler.pt")
+    processes.barrier()
+    own = _process_folder(tmp / "training_state", processes.index)
+    own.mkdir(exist_ok=True)
+    torch.save(state.trainer.state_dict(), own / "trainer.pt")
+    torch.save(_rng_state(), own / "rng.pt")
+    processes.barrier()
+    if main:
+        (tmp / "training_state" / "state.json").write_text(
+            json.dumps({**(info or {}), "step": step, "num_processes": processes.count}))
+        _replace_dir(tmp, final)
     return final
+
+
+def _process_folder(training_state: Path, index: int) -> Path:
+    return training_state if index == 0 else training_state / f"process-{index}"
 
 
 def _pause_if_requested(step: int, tmp: Path) -> None:
@@ -114,19 +149,20 @@ def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_latest_checkpoint(run_dir: Path, unet, state: TrainingState, *, set_aside: bool = True
-                           ) -> tuple[Path | None, dict, list[str]]:
+def load_latest_checkpoint(run_dir: Path, unet, state: TrainingState, *, set_aside: bool = True,
+                           process_index: int = 0) -> tuple[Path | None, dict, list[str]]:
     """Load the newest checkpoint that loads: (its path, its state.json, notes on the ones set aside).
 
     Newer checkpoints that failed (a truncated file) are renamed to ``.bad-step-N``, so that later saves and
     listings skip them, and each is named in a note. If none loads (often a config naming another model), nothing
-    is renamed and the error lists every failure. In a multi-process run only the main process sets aside. Loading overwrites every restored object in full, so a checkpoint
-    that failed half-way leaves nothing behind once an older one has loaded.
+    is renamed and the error lists every failure. In a multi-process run only the main process sets aside. Loading
+    overwrites every restored object in full, so a checkpoint that failed half-way leaves nothing behind once an
+    older one has loaded.
     """
     failures = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            load_checkpoint(path, unet, state)
+            load_checkpoint(path, unet, state, process_index)
         except Exception as error:  # noqa: BLE001  any failure to read a checkpoint means: try the previous one
             message = str(error).strip().splitlines()
             failures.append((path, f"{type(error).__name__}: {message[0] if message else ''}"))
@@ -153,15 +189,26 @@ def read_checkpoint_info(path: Path) -> dict:
     return json.loads((Path(path) / "training_state" / "state.json").read_text())
 
 
-def load_checkpoint(path: Path, unet, state: TrainingState) -> int:
-    """Restore the LoRA weights, optimiser, scheduler, trainer and RNG states; returns the step."""
+def load_checkpoint(path: Path, unet, state: TrainingState, process_index: int = 0) -> int:
+    """Restore the LoRA weights, optimiser, scheduler, trainer and RNG states; returns the step.
+
+    Each process loads its own trainer and RNG state. A process that the saving run did not have (resuming with
+    more processes) takes the trainer state of process index mod saved count and keeps its own RNG, which the
+    caller has seeded: the run goes on correctly, but not draw for draw as an uninterrupted one.
+    """
     load_lora_into(unet, path)
     folder = Path(path) / "training_state"
     state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     state.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))
-    state.trainer.load_state_dict(torch.load(folder / "trainer.pt", weights_only=True))
-    _set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    return json.loads((folder / "state.json").read_text())["step"]
+    if state.loss_scaler is not None and (folder / "loss_scaler.pt").is_file():
+        state.loss_scaler.load_state_dict(torch.load(folder / "loss_scaler.pt", weights_only=True))
+    info = json.loads((folder / "state.json").read_text())
+    saved_processes = info.get("num_processes", 1)
+    own = _process_folder(folder, process_index % saved_processes)
+    state.trainer.load_state_dict(torch.load(own / "trainer.pt", weights_only=True))
+    if process_index < saved_processes:
+        _set_rng_state(torch.load(own / "rng.pt", weights_only=True))
+    return info["step"]
 
 
 def _rng_state() -> dict:

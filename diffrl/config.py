@@ -55,6 +55,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (accelerate owns the accumulation)
     gradient_checkpointing: bool = True   # recompute activations in backward (DRaFT-1, SD 1.5: 31 -> 13 GB, +17% time)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype; LoRA weights and log-probs stay float32
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # UNet/VAE attention kernel; xformers needs its package + a GPU
     seed: int = 0                   # seeds torch, numpy and python RNGs; same seed + config = same run
     max_nonfinite_skips: int = 0    # steps with a NaN/inf loss, reward or grad norm undone and skipped; 0 = stop at 1st
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import math
 import sys
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (DistributedType, ProjectConfiguration, is_tensorboard_available, is_wandb_available,
+                               set_seed)
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
-from diffrl.checkpoint import (TrainingState, checkpoint_name, list_checkpoints, load_latest_checkpoint,
+from diffrl.checkpoint import (Processes, TrainingState, checkpoint_name, list_checkpoints, load_latest_checkpoint,
                                prune_checkpoints, recover_interrupted_saves, save_checkpoint)
 from diffrl.config import Config, config_to_dict, save_config
 from diffrl.errors import NonFiniteError, UserInputError, unknown_name
@@ -82,6 +84,7 @@ class Run:
     trainer: object
     state: TrainingState
     prompts: list[str]
+    optimization: Optimization
     nonfinite_skips: int = 0   # steps undone so far for a NaN/inf (train.max_nonfinite_skips); saved in checkpoints
 
 
@@ -108,7 +111,8 @@ def build_run(config: Config, output_dir: Path) -> Run:
         gradient_accumulation_steps=train_config.gradient_accumulation_steps,
         log_with=None if config.log.tracker == "none" else config.log.tracker,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")))
-    set_seed(train_config.seed)
+    check_distributed_type(accelerator.distributed_type)
+    set_seed(train_config.seed, device_specific=True)  # seed + process index: each process draws its own noise
     prompts = load_prompts(config.prompts)
     config_class, trainer_class = TRAINERS[config.trainer]
     optimizer_steps = max(math.ceil(train_config.steps * trainer_class.optimizer_steps_per_step(config)), 1)
@@ -118,6 +122,7 @@ def build_run(config: Config, output_dir: Path) -> Run:
     pipe = load_pipeline(config.model, dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False)
+    set_attention(pipe, train_config.attention, accelerator.device)
     params = _add_lora(pipe.unet, train_config)
     sample = config.sample
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
@@ -135,8 +140,31 @@ def build_run(config: Config, output_dir: Path) -> Run:
     sampler.denoiser = unet
     optimization = Optimization(accelerator, unet, optimizer, lr_scheduler, params, train_config.max_grad_norm)
     trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization)
-    return Run(config, accelerator, pipe, sampler, reward, trainer, TrainingState(optimizer, lr_scheduler, trainer),
-               prompts)
+    return Run(config, accelerator, pipe, sampler, reward, trainer,
+               TrainingState(optimizer, lr_scheduler, trainer, optimization), prompts, optimization)
+
+
+def check_distributed_type(distributed_type: DistributedType) -> None:
+    """LoRA training keeps the frozen UNet whole on each GPU; sharding it (FSDP, DeepSpeed ZeRO) would break the
+    reference calls that run the UNet's inner module and the LoRA save that reads its parameters, so refuse it."""
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        name = "FSDP" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+        raise UserInputError(f"{name} is not supported: diffrl trains LoRA adapters, whose weights and optimiser state "
+                             "are small, so launch with plain multi-GPU (DDP) and save memory with "
+                             "train.gradient_checkpointing and train.mixed_precision=bf16 (docs/multi_gpu.md)")
+
+
+def set_attention(pipe, attention: str, device: torch.device) -> None:
+    """SDPA (torch's fused attention, diffusers' default processor) or xformers' memory-efficient kernels."""
+    if attention == "sdpa":
+        return
+    if importlib.util.find_spec("xformers") is None:
+        raise UserInputError("train.attention=xformers needs the xformers package (pip install xformers, matching "
+                             "your torch and CUDA); or use train.attention=sdpa, the default")
+    if torch.device(device).type != "cuda":
+        raise UserInputError(f"train.attention=xformers runs only on a CUDA GPU and this run is on {device}; use "
+                             "train.attention=sdpa, the default")
+    pipe.enable_xformers_memory_efficient_attention()
 
 
 def _add_lora(unet, train_config) -> list[torch.nn.Parameter]:
@@ -193,12 +221,30 @@ def _resume(run: Run, output_dir: Path) -> int:
     main = accelerator.is_main_process
     notes = recover_interrupted_saves(output_dir) if main else []
     accelerator.wait_for_everyone()  # the other processes list checkpoints only after the clean-up
-    _, info, set_aside = load_latest_checkpoint(output_dir, run.pipe.unet, run.state, set_aside=main)
+    path, info, set_aside = load_latest_checkpoint(output_dir, run.pipe.unet, run.state, set_aside=main,
+                                                   process_index=accelerator.process_index)
     accelerator.wait_for_everyone()
+    _check_same_checkpoint(accelerator, info["step"])
+    saved_processes = info.get("num_processes", 1)
+    if path is not None and saved_processes != accelerator.num_processes and main:
+        notes.append(f"{path.name} was written by {saved_processes} process(es) and this run has "
+                     f"{accelerator.num_processes}: training continues, but its random draws differ from the "
+                     "uninterrupted run's")
     for note in notes + set_aside:
         print(f"diffrl: note: {note}", file=sys.stderr)
     run.nonfinite_skips = info.get("nonfinite_skips", 0)
     return info["step"]
+
+
+def _check_same_checkpoint(accelerator: Accelerator, step: int) -> None:
+    """A checkpoint whose files one process could read and another could not would split the run."""
+    if accelerator.num_processes == 1:
+        return
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        raise UserInputError(f"the processes resumed from different checkpoints (steps {steps}, by process); a "
+                             "process-N file of the newest checkpoint is missing or corrupt: move that checkpoint "
+                             "folder away and resume again")
 
 
 def _start_trackers(accelerator: Accelerator, config: Config, output_dir: Path) -> None:
@@ -239,6 +285,8 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
             metrics = run.trainer.step(prompts)
         metrics = _mean_over_processes(accelerator, metrics)
         done = step + 1
+        if accelerator.scaler is not None:
+            metrics["fp16_skipped_updates"] = float(_fp16_skipped_updates(run, done, last_checkpoint))
         if bad := _non_finite(metrics):
             metrics = _skip_step(run, undo, metrics, bad, done, last_checkpoint)
         else:
@@ -256,6 +304,17 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
         if accelerator.is_main_process and (grid_due or checkpoint_due) and done < steps:
             write_report(output_dir)  # train() writes the last one, after the loop
     return RunResult(output_dir, steps, first, last, last_checkpoint)
+
+
+def _fp16_skipped_updates(run: Run, step: int, last_checkpoint: Path | None) -> int:
+    """Updates fp16 loss scaling skipped so far; stops the run when they no longer end (see optimization.py)."""
+    optimization = run.optimization
+    if optimization.scaler_overflowing():
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        raise NonFiniteError(f"step {step}: fp16 loss scaling skipped the last {optimization.consecutive_scaler_skips} "
+                             "optimizer updates because the gradients overflow float16 at any scale; train with "
+                             f"train.mixed_precision=bf16 (or no) instead ({kept})")
+    return optimization.scaler_skips
 
 
 def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
@@ -298,6 +357,7 @@ def _snapshot(run: Run) -> dict:
             "optimizer": copy.deepcopy(run.state.optimizer.state_dict()),
             "lr_scheduler": copy.deepcopy(run.state.lr_scheduler.state_dict()),
             "trainer": copy.deepcopy(run.state.trainer.state_dict()),
+            "loss_scaler": copy.deepcopy(run.optimization.state_dict()),
             "accumulation_step": run.accelerator.step}
 
 
@@ -310,6 +370,7 @@ def _restore(run: Run, snapshot: dict) -> None:
     run.state.optimizer.load_state_dict(snapshot["optimizer"])
     run.state.lr_scheduler.load_state_dict(snapshot["lr_scheduler"])
     run.state.trainer.load_state_dict(snapshot["trainer"])
+    run.optimization.load_state_dict(snapshot["loss_scaler"])
     run.accelerator.step = snapshot["accumulation_step"]
 
 
@@ -334,9 +395,10 @@ def _save(run: Run, output_dir: Path, step: int) -> Path:
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     path = output_dir / "checkpoints" / checkpoint_name(step)
+    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+    save_checkpoint(output_dir, step, accelerator.unwrap_model(run.pipe.unet), run.state,
+                    info={"nonfinite_skips": run.nonfinite_skips}, processes=processes)
     if accelerator.is_main_process:
-        save_checkpoint(output_dir, step, accelerator.unwrap_model(run.pipe.unet), run.state,
-                        info={"nonfinite_skips": run.nonfinite_skips})
         prune_checkpoints(output_dir, run.config.log.keep_last)
     accelerator.wait_for_everyone()
     return path

@@ -100,10 +100,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launch_two_processes(trainer: str, output_dir: Path) -> subprocess.CompletedProcess:
+def _launch_two_processes(*worker_args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "tests.test_multiprocess", trainer, str(output_dir)]
+               "--master_port", str(_free_port()), "-m", "tests.test_multiprocess", *worker_args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -128,13 +128,16 @@ def _relative_differences(one: dict, two: dict) -> tuple[float, float]:
 
 def _two_process_run(trainer: str, output_dir: Path) -> float:
     started = time.monotonic()
-    done = _launch_two_processes(trainer, output_dir)
+    done = _launch_two_processes("global-batch", trainer, str(output_dir))
     assert done.returncode == 0, done.stderr[-4000:]
     return time.monotonic() - started
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with the gloo backend is not available")
+needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+@needs_gloo
 @pytest.mark.parametrize("trainer", list(RUNS))
 def test_two_processes_equal_one_process_with_the_same_global_batch(trainer, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
@@ -154,7 +157,46 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(trainer, tmp
     assert (two / "report.html").is_file() and len(list((two / "grids").iterdir())) == STEPS + 1
 
 
-if __name__ == "__main__":  # the worker, in each process: one run of one trainer
-    trainer, output_dir = sys.argv[1:3]
+# DPOK keeps per-process state beyond the RNG: each process's replay buffer holds its own transitions.
+RESUME_RUN = ["assets/configs/tiny-dpok.yaml", "sample.num_steps=3", "sample.batch_size=2", "dpok.buffer_size=12",
+              "dpok.p_batch_size=4", "dpok.v_step=2", "dpok.v_batch_size=4", "log.checkpoint_every=1",
+              "log.grid_every=100", "log.grid_prompts=1", "log.grid_seeds=[0]", "--quiet"]
+
+
+@needs_gloo
+def test_two_process_run_resumes_exactly_with_each_process_drawing_its_own_noise(tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    one_prompt = tmp_path / "prompt.txt"   # both processes get it, so only their noise can tell them apart
+    one_prompt.write_text("a red circle\n")
+    for output, overrides in ((straight, ["train.steps=2"]), (resumed, ["train.steps=1"]),
+                              (resumed, ["train.steps=2", "--resume"])):
+        done = _launch_two_processes("plain", "train", *RESUME_RUN, f"prompts={one_prompt}", *overrides,
+                                     "--output-dir", str(output))
+        assert done.returncode == 0, done.stderr[-4000:]
+    final = Path("checkpoints/step-000002")
+    a, b = (load_file(run / final / "pytorch_lora_weights.safetensors") for run in (straight, resumed))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    states = {run: [torch.load(run / final / "training_state" / folder / "trainer.pt", weights_only=True)
+                    for folder in (".", "process-1")] for run in (straight, resumed)}
+    for got, expected in zip(states[resumed], states[straight]):   # each process's own replay buffer, restored
+        assert torch.equal(got["buffer"]["states"], expected["buffer"]["states"])
+    own, other = (state["buffer"]["states"] for state in states[straight])
+    assert not torch.allclose(own, other)   # the processes sampled different trajectories for their prompts
+    info = json.loads((resumed / final / "training_state" / "state.json").read_text())
+    assert info["num_processes"] == 2
+
+    from diffrl.cli import main   # a 2-process checkpoint resumed by one process: it goes on, and says how
+    assert main(["train", *RESUME_RUN, f"prompts={one_prompt}", "train.steps=3", "--resume",
+                 "--output-dir", str(straight)]) == 0
+    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().err
+    assert not (straight / "checkpoints" / "step-000003" / "training_state" / "process-1").exists()
+
+
+if __name__ == "__main__":  # the worker, in each process: one run, the sampling patched or as it is
+    mode, *rest = sys.argv[1:]
+    if mode == "plain":
+        from diffrl.cli import main
+        sys.exit(main(rest))
+    trainer, output_dir = rest
     sys.exit(run_with_global_batch_sampling(
         ["train", *RUNS[trainer], f"sample.batch_size={GLOBAL_BATCH // 2}", "--output-dir", output_dir]))

@@ -104,7 +104,7 @@ def test_max_nonfinite_skips_undoes_the_step_and_logs_it(tmp_path):
                  for n in (1, 2)]
     assert optimizer[0]["state"][0]["step"] == optimizer[1]["state"][0]["step"] == 1
     assert json.loads((checkpoints / "step-000003" / "training_state" / "state.json").read_text()) == {
-        "nonfinite_skips": 1, "step": 3}
+        "nonfinite_skips": 1, "step": 3, "num_processes": 1}
 
 
 def test_more_non_finite_steps_than_allowed_stop_the_run(tmp_path):
@@ -162,6 +162,43 @@ def test_bf16_mixed_precision_keeps_lora_and_log_probs_in_float32(tmp_path):
     assert traj.log_probs.dtype == torch.float32 and traj.images.dtype == torch.float32
     assert all(torch.isfinite(torch.tensor(value)) for value in metrics.values())
     assert any(not torch.equal(a, p) for a, p in zip(before, lora))
+
+
+def test_attention_is_sdpa_by_default_and_xformers_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from diffrl.training import set_attention
+
+    run = build_run(fast_config(*SHORT), tmp_path)
+    processors = {type(processor) for processor in run.pipe.unet.attn_processors.values()}
+    assert processors == {AttnProcessor2_0}     # torch's scaled_dot_product_attention (LoRA lives in the Linear layers)
+    find_spec = importlib.util.find_spec
+
+    def xformers_installed(installed: bool):
+        def find(name, *args):
+            return (object() if installed else None) if name == "xformers" else find_spec(name, *args)
+        monkeypatch.setattr(importlib.util, "find_spec", find)
+
+    xformers_installed(False)
+    with pytest.raises(UserInputError, match="needs the xformers package"):
+        set_attention(run.pipe, "xformers", torch.device("cpu"))
+    xformers_installed(True)
+    with pytest.raises(UserInputError, match="runs only on a CUDA GPU and this run is on cpu"):
+        set_attention(run.pipe, "xformers", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sharded", ["FSDP", "DEEPSPEED"])
+def test_sharded_launches_are_refused_with_the_alternative(sharded):
+    """accelerate turns FSDP on only for GPU processes, so the refusal is tested on the launch type itself."""
+    from accelerate.utils import DistributedType
+
+    from diffrl.training import check_distributed_type
+
+    with pytest.raises(UserInputError, match="is not supported: diffrl trains LoRA adapters.*DDP"):
+        check_distributed_type(DistributedType[sharded])
+    check_distributed_type(DistributedType.MULTI_GPU)   # DDP, like MULTI_CPU and NO, goes ahead
 
 
 def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path):
@@ -234,6 +271,7 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     (["train.max_nonfinite_skips=-1"], "train.max_nonfinite_skips must be >= 0, got -1"),
     (["prompts={tmp}/empty.txt"], "holds no prompts"),
     (["model={tmp}/nowhere"], "unknown model"),
+    (["train.attention=xformers"], "train.attention=xformers "),   # not installed here; on a CPU if it were
 ])
 def test_bad_input_catalogue_exits_2_with_one_sentence(overrides, expected, tmp_path, capsys):
     """The rows of docs/bad_input.md not covered in tests/test_cli.py; the CLI called in-process."""
