@@ -65,3 +65,19 @@ def test_bad_input_exits_2_with_one_sentence(args, expected, bad_files, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert expected in err and err.startswith("diffrl: error:") and len(err.splitlines()) == 1
+
+
+def test_summary_compares_the_first_and_last_tenth_of_the_steps(tmp_path):
+    import json
+
+    from diffrl.cli import _first_and_last_windows
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "reward_mean": float(s)} for s in range(1, 21)]
+    rows.insert(5, {"step": 6, "skipped": "loss became non-finite"})   # skipped steps have no reward to average
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # 20 rewards 1..20: the first 2 average 1.5, the last 2 average 19.5
+    assert _first_and_last_windows(metrics).split() == ["mean", "of", "the", "first", "2", "logged", "steps",
+                                                         "1.5000", "->", "of", "the", "last", "2", "19.5000"]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows[:10]))
+    assert _first_and_last_windows(metrics) is None

@@ -175,7 +175,9 @@ def test_two_process_run_resumes_exactly_with_each_process_drawing_its_own_noise
         assert done.returncode == 0, done.stderr[-4000:]
     final = Path("checkpoints/step-000002")
     a, b = (load_file(run / final / "pytorch_lora_weights.safetensors") for run in (straight, resumed))
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    difference = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"2 processes, 1 step + resume vs 2 steps straight: max abs difference of LoRA weights {difference:.2g}")
+    assert a.keys() == b.keys() and difference <= 1e-6
     states = {run: [torch.load(run / final / "training_state" / folder / "trainer.pt", weights_only=True)
                     for folder in (".", "process-1")] for run in (straight, resumed)}
     for got, expected in zip(states[resumed], states[straight]):   # each process's own replay buffer, restored

@@ -96,3 +96,29 @@ def test_state_dict_round_trip(tmp_path):
     trainer.load_state_dict(state)
     assert [trainer.num_grad_steps() for _ in range(5)] == first
     assert isinstance(trainer, DraftTrainer)
+
+
+SHAPES_HELD_OUT = "assets/prompts/shapes-single-heldout.txt"
+
+
+def test_draft_on_shapesworld_raises_exact_accuracy_on_held_out_prompts(tmp_path):
+    """The README's demo, shortened: DRaFT-3 on the soft ShapesWorld score raises the *exact* scorer's accuracy on
+    prompts it never trained on (each colour and shape seen in training, never these pairs)."""
+    from diffrl.config import load_config
+    from rewards.shapes import ShapesAccuracyReward
+
+    run = build_run(load_config("assets/configs/shapes-draft.yaml", []), tmp_path)
+    held_out = [line for line in open(SHAPES_HELD_OUT).read().splitlines() if line] * 8
+
+    def held_out_accuracy() -> float:
+        with torch.no_grad():
+            traj = run.sampler.sample(held_out, generator=torch.Generator().manual_seed(7))
+        return float(ShapesAccuracyReward()(traj.images, held_out).mean())
+
+    before = held_out_accuracy()
+    for step in range(30):
+        run.trainer.step(prompts_for_step(run.prompts, step, run.config.sample.batch_size, seed=0))
+    after = held_out_accuracy()
+    print(f"ShapesWorld DRaFT-3, 30 steps: held-out exact accuracy {before:.3f} -> {after:.3f}")
+    # Measured 0.312 -> 0.479 on these 48 samples (+0.17); with the reward's sign flipped, 0.312 -> 0.285.
+    assert after >= before + 0.08
