@@ -27,6 +27,7 @@ from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import LORA_WEIGHTS_NAME, has_lora
 from diffrl.models import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, load_pipeline
 from diffrl.sampler import SDSampler
+from diffrl.shapesworld_statistics import LayoutSample, data_layouts, layout, layout_distances
 from diffrl.trajectory import Trajectory
 
 GRID_COLUMNS = 8  # grid.png shows at most this many seeds of the first prompt
@@ -212,6 +213,7 @@ class RowAccumulator:
     pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     grid_images: list[torch.Tensor] = field(default_factory=list)
     grid_rewards: list[dict[str, float]] = field(default_factory=list)
+    data_layouts: list[LayoutSample] | None = None   # ShapesWorld prompts: the data's layout of each prompt
 
     def add(self, batch: Batch, scores: dict[str, list[float]], metrics: DiversityMetrics) -> None:
         images, latents = batch.trajectory.images, batch.trajectory.latents[:, -1]
@@ -228,6 +230,10 @@ class RowAccumulator:
                 stacked_images, stacked_latents = (torch.stack(part) for part in zip(*samples))
                 for name, value in metrics.per_prompt(stacked_images, stacked_latents).items():
                     self.diversity.setdefault(name, []).append(value)
+                if self.data_layouts is not None:   # how far this prompt's layouts are from the data's
+                    distances = layout_distances(layout(stacked_images), self.data_layouts[prompt_index])
+                    for name, value in distances.items():
+                        self.diversity.setdefault(f"layout:{name}", []).append(value)
 
     def summary(self, prompts: list[str], seeds: list[int]) -> dict:
         target = self.target
@@ -266,7 +272,8 @@ def evaluate(targets: list[Target], prompts: list[str], seeds: list[int], reward
     if len(seeds) < 2:
         raise UserInputError("diversity needs at least 2 samples per prompt; raise --samples-per-prompt")
     metrics = build_diversity_metrics(diversity, rewards, device, clip_model)
-    rows = {target: RowAccumulator(target, len(seeds)) for target in targets}
+    reference = data_layouts(prompts)
+    rows = {target: RowAccumulator(target, len(seeds), data_layouts=reference) for target in targets}
     batches_per_row = math.ceil(len(prompts) * len(seeds) / batch_size)
     bar = progress(sampled_batches(targets, prompts, seeds, sample, batch_size, device, dtype),
                    len(targets) * batches_per_row, quiet, "evaluate")

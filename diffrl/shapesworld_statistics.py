@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from diffrl.shapesworld import BACKGROUNDS
+from diffrl.shapesworld import BACKGROUNDS, parse_prompt, samples_for_prompt
 from rewards.shapes import detect
 
 SIZE_BINS = np.linspace(0.0, 0.6, 13)      # sqrt(object area / image area); data objects span ~0.1-0.4
@@ -66,3 +66,14 @@ def layout_distances(samples: LayoutSample, data: LayoutSample) -> dict[str, flo
         "count_tv": total_variation(samples.object_counts, data.object_counts, count_bins),
         "size_ratio": mean_size(samples) / max(mean_size(data), 1e-12),
     }
+
+
+DATA_SAMPLES_PER_PROMPT = 32
+
+
+def data_layouts(prompts: list[str], seed: int = 1) -> list[LayoutSample] | None:
+    """The data's layout of each prompt (DATA_SAMPLES_PER_PROMPT generated scenes), or None unless every prompt is a
+    ShapesWorld prompt: what `diffrl evaluate` compares each model's samples of that prompt with."""
+    if not prompts or any(parse_prompt(prompt) is None for prompt in prompts):
+        return None
+    return [layout(samples_for_prompt(prompt, DATA_SAMPLES_PER_PROMPT, seed=seed).images) for prompt in prompts]

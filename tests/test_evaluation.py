@@ -172,3 +172,26 @@ def test_tradeoff_draws_one_line_per_run_starting_at_its_base():
     assert [(label, [(r["run"], r["step"]) for r in members]) for label, members in series] == [
         ("a", [("/r/a", 0), ("/r/a", 1), ("/r/a", 2)]), ("b", [("/r/a", 0), ("/r/b", 1)])]
     assert _series([row(None, 0)]) == [("tiny", [row(None, 0)])]
+
+
+def test_shapesworld_prompts_add_layout_distances_to_the_data(tiny_run):
+    """Every prompt a ShapesWorld prompt: each row also gets layout:* columns (TV distances to the data in [0, 1]);
+    a prompt outside the grammar (PROMPTS has one) leaves them out, as above."""
+    from diffrl.shapesworld import samples_for_prompt
+    from diffrl.shapesworld_statistics import data_layouts, layout, layout_distances
+
+    targets = resolve_targets([str(tiny_run)])[:1]
+    prompts = ["a red circle", "two blue squares"]
+    rows = evaluate(targets, prompts, [0, 1], {"brightness": load_reward("brightness")}, sample_settings(targets),
+                    quiet=True).rows
+    layouts = {name: value for name, value in rows[0]["diversity"].items() if name.startswith("layout:")}
+    assert set(layouts) == {f"layout:{key}" for key in ("size_tv", "x_tv", "y_tv", "background_tv", "count_tv",
+                                                        "size_ratio")}
+    assert all(0.0 <= layouts[f"layout:{key}"]["mean"] <= 1.0 for key in ("size_tv", "x_tv", "y_tv", "count_tv"))
+    # The tiny model draws noise, not shapes: its samples' object counts are far from the data's (one or two objects).
+    assert layouts["layout:count_tv"]["mean"] > 0.5
+    # Data against more data of the same prompts is close: the reference is a sample of the right distribution.
+    reference = data_layouts(prompts)
+    fresh = layout(samples_for_prompt(prompts[0], 32, seed=99).images)
+    assert layout_distances(fresh, reference[0])["size_tv"] < 0.35 and data_layouts(PROMPTS) is None
+    assert not any(name.startswith("layout:") for name in _evaluate(tiny_run).rows[0]["diversity"])
