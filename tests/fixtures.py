@@ -97,3 +97,18 @@ def straight_and_resumed_states(make_config, tmp_path, *overrides: str) -> tuple
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return tuple(torch.load(tmp_path / run / final / "training_state" / "trainer.pt", weights_only=True)
                  for run in ("straight", "resumed"))
+
+
+def load_script(name: str):
+    """A file of scripts/ imported as a module (scripts are not a package), registered in sys.modules while in use
+    because dataclasses look their module up there; the caller removes it with `del sys.modules[module.__name__]`."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"diffrl_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
+import sys
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from tests.fixtures import load_script
 
 
 @pytest.fixture
 def benchmark_module():
-    spec = importlib.util.spec_from_file_location("diffrl_benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    module = load_script("benchmark")
+    yield module
+    del sys.modules[module.__name__]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,18 +13,15 @@ from safetensors import safe_open
 from diffrl import SDSampler, load_pipeline
 from diffrl import models
 from diffrl.errors import UserInputError
+from tests.fixtures import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_shapesworld.py"
 
 
 @pytest.fixture(scope="module")
 def pretrain_script():
-    spec = importlib.util.spec_from_file_location("pretrain_shapesworld", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("pretrain_shapesworld")
     yield module
-    del sys.modules[spec.name]
+    del sys.modules[module.__name__]
 
 
 MICRO = ["--resolution", "32", "--vae-steps", "3", "--unet-steps", "3", "--vae-batch-size", "4",

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+import sys
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "shapesworld_benchmark.py"
+from tests.fixtures import load_script
 
 
 @pytest.fixture
 def shapes_benchmark():
-    spec = importlib.util.spec_from_file_location("shapesworld_benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    module = load_script("shapesworld_benchmark")
+    yield module
+    del sys.modules[module.__name__]
 
 
 def test_micro_benchmark_writes_the_table_and_reuses_finished_runs(shapes_benchmark, tmp_path):
