@@ -338,11 +338,12 @@ def _write_atomic(path: Path, text: str) -> None:
 def format_table(rows: list[dict]) -> str:
     """The numbers of an evaluation as a plain-text table: mean ± standard error over prompts."""
     columns = [f"{name}" for name in rows[0]["rewards"]] + [f"div:{name}" for name in rows[0]["diversity"]]
-    lines = [f"{'checkpoint':<16}" + "".join(f"{column:>22}" for column in columns)]
+    widths = [max(22, len(column) + 2) for column in columns]   # long names (div:layout:...) keep a gap
+    lines = [f"{'checkpoint':<16}" + "".join(column.rjust(width) for column, width in zip(columns, widths))]
     for row in rows:
         stats = list(row["rewards"].values()) + list(row["diversity"].values())
-        lines.append(f"{row['name']:<16}" + "".join(
-            f"{value['mean']:>13.4f} ± {value['standard_error']:<6.4f}" for value in stats))
+        cells = [f"{value['mean']:.4f} ± {value['standard_error']:<6.4f}" for value in stats]
+        lines.append(f"{row['name']:<16}" + "".join(cell.rjust(width) for cell, width in zip(cells, widths)))
     return "\n".join(lines)
 
 
