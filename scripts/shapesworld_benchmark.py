@@ -9,7 +9,7 @@ an interrupted one resumed). Then the base model and each run's last checkpoint 
 seeds (DDIM eta 0, the configs' steps and CFG) on the training prompts and on held-out ones, and are scored with the
 exact scorer (`shapes_accuracy`), the soft one (`shapes_alignment`), pixel diversity and the layout statistics of
 diffrl.shapesworld_statistics (total-variation distances to the data's sizes, positions and backgrounds; the size
-ratio > 1 when objects are inflated). Writes benchmark.json, benchmark.md (the table), tradeoff.png and grid.png.
+ratio > 1 when objects are inflated), all per prompt and then averaged, by the code of `diffrl evaluate`. Writes benchmark.json, benchmark.md (the table), tradeoff.png and grid.png.
 """
 
 from __future__ import annotations
@@ -29,16 +29,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import diffrl  # noqa: E402,F401  first: installs the torchvision fix before diffusers can import torchvision
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffrl.checkpoint import list_checkpoints  # noqa: E402
 from diffrl.config import load_config  # noqa: E402
-from diffrl.diversity import pixel_diversity  # noqa: E402
-from diffrl.evaluation import Target, sampled_batches  # noqa: E402
+from diffrl.evaluation import Target, evaluate, sampled_batches  # noqa: E402
 from diffrl.grids import image_grid  # noqa: E402
-from diffrl.shapesworld import samples_for_prompt  # noqa: E402
-from diffrl.shapesworld_statistics import layout, layout_distances  # noqa: E402
 from diffrl.trainers import TRAINERS  # noqa: E402
 from diffrl.training import train  # noqa: E402
 from rewards.shapes import ShapesAccuracyReward, ShapesAlignmentReward  # noqa: E402
@@ -78,24 +74,21 @@ def train_with_budget(trainer: str, reward_queries: int, output: Path) -> dict:
 
 
 def score(targets: list[Target], prompts: list[str], seeds: list[int], sample) -> dict[str, dict]:
-    """Per target: mean exact/soft reward, mean per-prompt pixel diversity, layout distances, and its images."""
-    exact, soft = ShapesAccuracyReward(), ShapesAlignmentReward()
-    found: dict[str, dict] = {}
-    for batch in sampled_batches(targets, prompts, seeds, sample, batch_size=64, device="cpu", dtype=torch.float32):
-        entry = found.setdefault(batch.target.name, {"images": [], "prompts": []})
-        entry["images"].append(batch.trajectory.images.float().cpu())
-        entry["prompts"] += batch.trajectory.prompts
-    data = layout(torch.cat([samples_for_prompt(p, len(seeds), seed=1).images for p in prompts]))
-    for entry in found.values():
-        images, names = torch.cat(entry.pop("images")), entry.pop("prompts")
-        with torch.no_grad():
-            entry["shapes_accuracy"] = float(exact(images, names).mean())
-            entry["shapes_alignment"] = float(soft(images, names).mean())
-        per_prompt = [images[[i for i, n in enumerate(names) if n == p]] for p in prompts]
-        entry["pixel_diversity"] = float(np.mean([pixel_diversity(group) for group in per_prompt]))
-        entry.update(layout_distances(layout(images), data))
-        entry["first_seed_images"] = torch.stack([group[0] for group in per_prompt])
-    return found
+    """Per target, through `diffrl evaluate`'s code: the mean exact/soft reward over prompts, the mean per-prompt
+    pixel diversity and the mean per-prompt layout distances to the data."""
+    rewards = {"shapes_accuracy": ShapesAccuracyReward(), "shapes_alignment": ShapesAlignmentReward()}
+    evaluation = evaluate(targets, prompts, seeds, rewards, sample, diversity=["pixel"], batch_size=64, quiet=True)
+    return {row["name"]: {**{name: reward["mean"] for name, reward in row["rewards"].items()},
+                          "pixel_diversity": row["diversity"]["pixel"]["mean"],
+                          **{key: row["diversity"][f"layout:{key}"]["mean"] for key in LAYOUT_KEYS}}
+            for row in evaluation.rows}
+
+
+def first_seed_images(targets: list[Target], prompts: list[str], sample) -> dict[str, torch.Tensor]:
+    """Each target's seed-0 image of every prompt, for the review grid."""
+    return {batch.target.name: batch.trajectory.images.float().cpu()
+            for batch in sampled_batches(targets, prompts, [0], sample, batch_size=len(prompts), device="cpu",
+                                         dtype=torch.float32)}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -152,15 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                                                             ("steps", "images_scored", "seconds_per_step")}}
                                  for run in runs]
     for row in rows:
-        row["train"] = {k: v for k, v in train_scores[row["name"]].items() if k != "first_seed_images"}
-        row["held_out"] = {k: v for k, v in held_scores[row["name"]].items() if k != "first_seed_images"}
+        row["train"], row["held_out"] = train_scores[row["name"]], held_scores[row["name"]]
     args.output.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     (args.output / "benchmark.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     (args.output / "benchmark.md").write_text(markdown_table(rows))
     tradeoff_plot(rows, args.output / "tradeoff.png")
-    images = torch.cat([held_scores[row["name"]]["first_seed_images"] for row in rows])
     held = read(HELD_OUT_PROMPTS)
+    first_images = first_seed_images(targets, held, sample)
+    images = torch.cat([first_images[row["name"]] for row in rows])
     image_grid(images, held * len(rows), columns=len(held), title="held-out prompts, seed 0",
                row_labels=[row["name"] for row in rows]).save(args.output / "grid.png")
     print(markdown_table(rows), end="")

@@ -57,20 +57,6 @@ def fixed_seed_reward(run, prompts=("a red circle", "a blue square"), copies: in
         return float(run.reward(traj.images, traj.prompts).float().mean())
 
 
-class CenteredBrightness(torch.nn.Module):
-    """Brightness minus the tiny model's mean brightness (0.4713), so that the raw reward is a usable advantage.
-
-    For DPOK without its value network (A = r): the tiny model's rewards vary by only ~0.003 around 0.47, and a
-    baseline that far off would drown that signal in a short test run.
-    """
-
-    differentiable = True
-
-    def forward(self, images, prompts):
-        luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
-        return (images.float() * luma).sum(dim=1).mean(dim=(1, 2)) - 0.4713
-
-
 def learning_run(run, steps: int, batch_size: int) -> tuple[float, float, float]:
     """(fixed-seed reward before, after, largest LoRA change) over `steps` trainer steps of a run."""
     from diffrl.training import prompts_for_step
