@@ -147,13 +147,15 @@ def use_checkpoint(pipe, checkpoint: Path | None) -> None:
         pipe.load_lora_weights(str(checkpoint))
 
 
-def pipelines(targets: list[Target], device, dtype) -> Iterator[tuple[Target, object]]:
+def pipelines(targets: list[Target], device, dtype, vae_slicing: bool = False) -> Iterator[tuple[Target, object]]:
     """Each target with its pipeline: loaded once per model, the LoRA swapped between checkpoints."""
     pipe, model = None, None
     for target in targets:
         if target.model != model:
             pipe = None  # let the previous model go before the next one loads
             pipe, model = load_pipeline(target.model, dtype=dtype, device=device), target.model
+            if vae_slicing:
+                pipe.vae.enable_slicing()
         use_checkpoint(pipe, target.checkpoint)
         yield target, pipe
 
@@ -179,7 +181,7 @@ def sampled_batches(targets: list[Target], prompts: list[str], seeds: list[int],
     """Every target on every (prompt, seed), prompt-major, in batches of ``batch_size`` samples."""
     pairs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
     sampler = None
-    for target, pipe in pipelines(targets, device, dtype):
+    for target, pipe in pipelines(targets, device, dtype, sample.vae_slicing):
         if sampler is None or sampler.pipe is not pipe:  # one sampler per pipeline: the LoRA swap happens under it
             sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                                 negative_prompt=sample.negative_prompt, gradient_checkpointing=False,

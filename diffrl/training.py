@@ -125,9 +125,13 @@ def build_run(config: Config, output_dir: Path) -> Run:
     set_attention(pipe, train_config.attention, accelerator.device)
     params = _add_lora(pipe.unet, train_config)
     sample = config.sample
+    if sample.vae_slicing:
+        pipe.vae.enable_slicing()
+    if train_config.compile:   # in place: the module, its parameter names and the LoRA file stay as they are
+        pipe.unet.compile()
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                         negative_prompt=sample.negative_prompt,
-                        gradient_checkpointing=train_config.gradient_checkpointing, schedule=sample.schedule)
+                        gradient_checkpointing=uses_gradient_checkpointing(config), schedule=sample.schedule)
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)
@@ -152,6 +156,15 @@ def check_distributed_type(distributed_type: DistributedType) -> None:
         raise UserInputError(f"{name} is not supported: diffrl trains LoRA adapters, whose weights and optimiser state "
                              "are small, so launch with plain multi-GPU (DDP) and save memory with "
                              "train.gradient_checkpointing and train.mixed_precision=bf16 (docs/multi_gpu.md)")
+
+
+def uses_gradient_checkpointing(config: Config) -> bool:
+    """train.gradient_checkpointing, or when unset the trainer's default: on where backward runs through a chain of
+    UNet calls and the VAE (activations of K steps), off where each graph is one UNet call on a micro-batch the user
+    sizes (recomputing it there costs a forward per backward for little memory)."""
+    if config.train.gradient_checkpointing is not None:
+        return config.train.gradient_checkpointing
+    return getattr(TRAINERS[config.trainer][1], "backpropagates_through_sampling", False)
 
 
 def set_attention(pipe, attention: str, device: torch.device) -> None:

@@ -282,3 +282,36 @@ def test_bad_input_catalogue_exits_2_with_one_sentence(overrides, expected, tmp_
                  *SHORT, "--quiet", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and expected in err and err.startswith("diffrl: error:") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer=draft"], True),                                   # backward through K UNet calls and the VAE
+    (["trainer=ddpo", "sample.eta=1.0"], False),                 # one UNet call per graph
+    (["trainer=adjoint_matching", "sample.eta=1.0"], False),
+    (["trainer=ddpo", "sample.eta=1.0", "train.gradient_checkpointing=true"], True),   # the user's choice wins
+    (["trainer=draft", "train.gradient_checkpointing=false"], False),
+])
+def test_gradient_checkpointing_defaults_to_the_trainers_need(tmp_path, overrides, expected):
+    from diffrl.training import uses_gradient_checkpointing
+
+    config = fast_config(*overrides)
+    assert uses_gradient_checkpointing(config) is expected
+    assert build_run(config, tmp_path).sampler.gradient_checkpointing is expected
+
+
+def test_vae_slicing_decodes_image_by_image_to_the_same_images(tmp_path):
+    prompts = ["a red circle", "a blue square", "a green circle"]
+    images = []
+    for slicing in (False, True):
+        run = build_run(fast_config(f"sample.vae_slicing={str(slicing).lower()}"), tmp_path / str(slicing))
+        assert run.pipe.vae.use_slicing is slicing
+        with torch.no_grad():
+            images.append(run.sampler.sample(prompts, generator=torch.Generator().manual_seed(0)).images)
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
+
+
+def test_compile_compiles_the_unet_in_place_keeping_its_parameter_names(tmp_path):
+    plain = build_run(fast_config(), tmp_path / "plain").pipe.unet
+    compiled = build_run(fast_config("train.compile=true"), tmp_path / "compiled").pipe.unet
+    assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
+    assert [name for name, _ in compiled.named_parameters()] == [name for name, _ in plain.named_parameters()]

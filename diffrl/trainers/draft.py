@@ -50,6 +50,8 @@ class DraftConfig:
 class DraftTrainer:
     """DRaFT-K / DRaFT-LV / AlignProp truncation / DRaFT+ on a differentiable reward."""
 
+    backpropagates_through_sampling = True   # train.gradient_checkpointing defaults to on
+
     def __init__(self, config: DraftConfig, sampler: SDSampler, reward: Reward, optimization: Optimization):
         if not getattr(reward, "differentiable", False):
             raise UserInputError(
