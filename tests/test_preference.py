@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from diffrl.preference import denoising_errors, diffusion_dpo_loss
+from diffrl.preference import denoising_errors, diffusion_dpo_loss, pso_online_loss
 
 
 def test_denoising_errors_are_the_mean_square_over_elements():
@@ -49,3 +49,38 @@ def test_gradient_at_initialisation_lowers_winner_error_and_raises_loser_error()
     torch.testing.assert_close(policy_winner.grad, torch.full((batch,), beta * 0.5 / batch))
     torch.testing.assert_close(policy_loser.grad, torch.full((batch,), -beta * 0.5 / batch))
     assert reference_winner.grad is None and reference_loser.grad is None
+
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(-x))   # -log sigmoid(x)
+
+
+def test_online_pso_hand_worked_with_clamped_ratios():
+    """One pair, two steps; b has the higher reward, so b wins. β = 10, clamp [0.9, 1.1].
+    step 0: log r_a = 0.02, log r_b = 0.05 -> margin 0.03
+    step 1: log r_a = -0.5 (clamped to log 0.9), log r_b = 0.3 (clamped to log 1.1) -> margin log(1.1/0.9)"""
+    log_a = torch.tensor([[0.02, -0.5]], requires_grad=True)
+    log_b = torch.tensor([[0.05, 0.3]], requires_grad=True)
+    loss, stats = pso_online_loss(log_a, log_b, torch.tensor([0.1]), torch.tensor([0.7]), beta=10.0)
+    clamped = math.log(1.1) - math.log(0.9)
+    expected = (_softplus(10 * 0.03) + _softplus(10 * clamped)) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6), (loss.item(), expected)
+    assert stats.accuracy.item() == 1.0
+    loss.backward()
+    # d/d log r_b at step 0 = -β σ(-β·0.03) / 2 (mean over 2 steps); the clamped step 1 gets no gradient
+    sigma = 1 / (1 + math.exp(10 * 0.03))
+    torch.testing.assert_close(log_b.grad, torch.tensor([[-10 * sigma / 2, 0.0]]))
+    torch.testing.assert_close(log_a.grad, torch.tensor([[10 * sigma / 2, 0.0]]))
+
+
+def test_online_pso_tie_gives_no_gradient_and_the_winner_follows_the_reward():
+    log_a = torch.tensor([[0.01, 0.02], [0.03, -0.01]], requires_grad=True)
+    log_b = torch.tensor([[0.00, 0.01], [0.02, 0.00]], requires_grad=True)
+    loss, _ = pso_online_loss(log_a, log_b, torch.tensor([0.5, 0.9]), torch.tensor([0.5, 0.2]), beta=50.0)
+    loss.backward()
+    assert log_a.grad[0].abs().sum() == 0 and log_b.grad[0].abs().sum() == 0   # pair 0 is a tie
+    assert (log_a.grad[1] < 0).all() and (log_b.grad[1] > 0).all()             # a won: its ratio is pushed up
+    # swapping the rewards swaps the roles: the same loss with the winner's ratios pushed the other way
+    swapped, _ = pso_online_loss(log_b.detach(), log_a.detach(), torch.tensor([0.5, 0.2]), torch.tensor([0.5, 0.9]),
+                                 beta=50.0)
+    assert math.isclose(swapped.item(), loss.item(), rel_tol=1e-6)
