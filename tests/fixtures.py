@@ -87,7 +87,8 @@ def straight_and_resumed_states(make_config, tmp_path, *overrides: str) -> tuple
 
 def load_script(name: str):
     """A file of scripts/ imported as a module (scripts are not a package), registered in sys.modules while in use
-    because dataclasses look their module up there; the caller removes it with `del sys.modules[module.__name__]`."""
+    because dataclasses look their module up there; the caller removes it with `del sys.modules[module.__name__]`
+    (script_fixture does both)."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -98,3 +99,18 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def script_fixture(name: str, scope: str = "function"):
+    """A pytest fixture giving scripts/<name>.py as a module, unregistered again afterwards."""
+    import sys
+
+    import pytest
+
+    @pytest.fixture(scope=scope)
+    def script():
+        module = load_script(name)
+        yield module
+        del sys.modules[module.__name__]
+
+    return script

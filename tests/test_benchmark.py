@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from tests.fixtures import load_script
+from tests.fixtures import script_fixture
 
-
-@pytest.fixture
-def benchmark_module():
-    module = load_script("benchmark")
-    yield module
-    del sys.modules[module.__name__]
+benchmark_module = script_fixture("benchmark")
 
 
 @pytest.fixture

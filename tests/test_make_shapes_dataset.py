@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-
-import pytest
 import torch
 
 from diffrl.image_data import image_tensor, load_image_records
 from rewards.shapes import ShapesAccuracyReward
-from tests.fixtures import load_script
+from tests.fixtures import script_fixture
 
 SHIPPED = "assets/datasets/shapes"
 
 
-@pytest.fixture
-def make_dataset():
-    module = load_script("make_shapes_dataset")
-    yield module
-    del sys.modules[module.__name__]
+make_dataset = script_fixture("make_shapes_dataset")
 
 
 def test_shipped_dataset_is_the_scripts_output(make_dataset, tmp_path):

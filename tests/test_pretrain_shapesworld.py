@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,11 @@ from safetensors import safe_open
 from diffrl import SDSampler, load_pipeline
 from diffrl import models
 from diffrl.errors import UserInputError
-from tests.fixtures import load_script
+from tests.fixtures import script_fixture
 
 
 
-@pytest.fixture(scope="module")
-def pretrain_script():
-    module = load_script("pretrain_shapesworld")
-    yield module
-    del sys.modules[module.__name__]
+pretrain_script = script_fixture("pretrain_shapesworld", scope="module")
 
 
 MICRO = ["--resolution", "32", "--vae-steps", "3", "--unet-steps", "3", "--vae-batch-size", "4",

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
-import pytest
+from tests.fixtures import script_fixture
 
-from tests.fixtures import load_script
-
-
-@pytest.fixture
-def shapes_benchmark():
-    module = load_script("shapesworld_benchmark")
-    yield module
-    del sys.modules[module.__name__]
+shapes_benchmark = script_fixture("shapesworld_benchmark")
 
 
 def test_micro_benchmark_writes_the_table_and_reuses_finished_runs(shapes_benchmark, tmp_path):
