@@ -25,6 +25,8 @@ from diffrl.trainers.ddpo import DdpoConfig
 from diffrl.trainers.dpok import DpokConfig
 from diffrl.trainers.draft import DraftConfig
 from diffrl.trainers.loop import LoopConfig
+from diffrl.trainers.pso import PsoConfig
+from diffrl.trainers.spin import SpinConfig
 
 
 @dataclass
@@ -35,7 +37,10 @@ class SampleConfig:
     batch_size: int = 4             # prompts per process per training step
     resolution: int | None = None   # image side in pixels; None: the model's default
     negative_prompt: str = ""       # text of the unconditional CFG branch
-    schedule: str = "model"         # DDIM preset: model (the pipeline's scheduler) | adjoint_matching (SOC recipe)
+    scheduler: str = "ddim"         # ddim | euler_ancestral (SD-Turbo) | lcm (LCM-LoRA): every step recomputable, with
+    # log-probs; or any diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) for plain sampling
+    schedule: str = "model"         # preset on top of the model's scheduler config: model (as is) | trailing
+    # (few-step students: SD-Turbo) | adjoint_matching (DDIM; the SOC recipe)
     vae_slicing: bool = False       # decode one image at a time: SD 1.5, 4 images at 256 px: 1054 -> 256 MiB, same time
 
 
@@ -90,6 +95,8 @@ class Config:
     loop: LoopConfig = field(default_factory=LoopConfig)        # LOOP settings (diffrl.trainers.loop)
     dpok: DpokConfig = field(default_factory=DpokConfig)        # DPOK settings (diffrl.trainers.dpok)
     adjoint_matching: AdjointMatchingConfig = field(default_factory=AdjointMatchingConfig)  # (trainers.adjoint_matching)
+    spin: SpinConfig = field(default_factory=SpinConfig)        # SPIN-Diffusion settings (diffrl.trainers.spin)
+    pso: PsoConfig = field(default_factory=PsoConfig)           # PSO settings (diffrl.trainers.pso)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -240,6 +247,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     """A dataclass instance from a mapping; unknown keys are errors, missing keys keep their defaults."""
     if data is None:  # `draft:` with nothing under it means all defaults
         data = {}
+    if isinstance(data, cls):  # an override's value, already checked (a list of spin.iterations)
+        return data
     if not isinstance(data, dict):
         raise _type_error(path, cls, data)
     hints = _field_types(cls)

@@ -79,6 +79,18 @@ class Optimization:
             self.accelerator.scaler.load_state_dict(state["scaler"])
             self.scaler_skips, self.consecutive_scaler_skips = state["scaler_skips"], state["consecutive_scaler_skips"]
 
+    def restart(self, learning_rate: float) -> None:
+        """A new base learning rate and an empty AdamW state, as if a new run began from the current weights (SPIN's
+        iterations). The schedule's multiplier (warmup, decay) keeps counting over the whole run."""
+        self.optimizer.state.clear()
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)   # accelerate's wrapper, or plain
+        groups = self.optimizer.param_groups
+        factors = [group["lr"] / base if base else 1.0 for group, base in zip(groups, scheduler.base_lrs)]
+        scheduler.base_lrs = [learning_rate] * len(groups)
+        for group, factor in zip(groups, factors):
+            group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor
+        scheduler._last_lr = [group["lr"] for group in groups]
+
     @property
     def learning_rate(self) -> float:
         return self.lr_scheduler.get_last_lr()[0]

@@ -1,10 +1,11 @@
-"""The Sampler protocol and SDSampler: DDIM over a diffusers Stable Diffusion pipeline, exposing the trajectory.
+"""The Sampler protocol and SDSampler: DDIM and few-step samplers over a diffusers Stable Diffusion pipeline,
+exposing the trajectory.
 
 SDSampler runs its own denoising loop over the pipeline's components (no copied pipeline ``__call__``) so that it can
 record every latent and per-step log-probability, build the autograd graph through only the last K steps, and recompute
-any step under the current weights. With eta = 0 and the same initial latents its images equal
-``pipe(..., eta=0)`` with a DDIMScheduler; with eta > 0 and the same generator they equal it too, because the random
-draws come in the same order.
+any step under the current weights. With the same initial latents and generator its images equal the pipeline's with
+the same scheduler (DDIMScheduler at any eta, EulerAncestralDiscreteScheduler, LCMScheduler), because every step is
+computed as diffusers computes it and the random draws come in the same order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.errors import UserInputError, unknown_name
+from diffrl.few_step import (euler_ancestral_transition, lcm_boundary_scalings, lcm_step_tables,
+                             lcm_transition)
 from diffrl.gaussian import ddim_mean, ddim_std, gaussian_log_prob, x0_eps_from_model_output
 from diffrl.trajectory import Trajectory
 
@@ -42,29 +45,55 @@ class DDIMStep:
     noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models)
 
 
-# Named DDIM settings a recipe can opt into with `sample.schedule`; "model" keeps the pipeline's own scheduler config.
+# Named scheduler settings a recipe can opt into with `sample.schedule`; "model" keeps the pipeline's own config.
 SCHEDULES: dict[str, dict] = {
     "model": {},
     # Adjoint Matching's fine-tuning schedule (microsoft/soc-fine-tuning-sd): smaller betas, trailing spacing, and a
     # final ᾱ halfway between 1 and ᾱ of the last sampled timestep, which keeps the last step's σ away from 0 (the
-    # control is divided by σ).
+    # control is divided by σ). DDIM only.
     "adjoint_matching": {"beta_start": 0.002, "beta_end": 0.009, "beta_schedule": "scaled_linear",
                          "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False},
+    # Few-step students (SD-Turbo, SDXL-Turbo) are distilled on trailing timesteps: 1 step starts at t = 999.
+    "trailing": {"timestep_spacing": "trailing"},
 }
 MIDPOINT_FINAL_ALPHA = {"adjoint_matching"}
 
+# The samplers whose every step is a Gaussian transition the sampler can recompute: they have log-probs and serve
+# every trainer. Any other diffusers scheduler class name samples through its own `step` (grids, evaluation, DRaFT).
+SCHEDULERS = {
+    "ddim": "DDIM, η in [0, 1] (sample.eta); every step stochastic when η > 0",
+    "euler_ancestral": "Euler ancestral (SD-Turbo); stochastic except the last step",
+    "lcm": "LCM multistep (LCM-LoRA); stochastic except the last step",
+}
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class of a `sample.scheduler` name; unknown names list the valid ones."""
+    import diffusers
+    from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    classes = {"ddim": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler, "lcm": LCMScheduler}
+    cls = classes.get(name) or getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise unknown_name("sample.scheduler", name, list(SCHEDULERS) + [
+            "<a diffusers scheduler class for plain sampling, e.g. DPMSolverMultistepScheduler>"])
+    return cls
+
 
 class SDSampler:
-    """DDIM (eta in [0, 1]) with batched classifier-free guidance for SD 1.x/2.x pipelines.
+    """Batched classifier-free guidance over SD 1.x/2.x pipelines with DDIM (η in [0, 1]), the few-step samplers
+    Euler ancestral and LCM, or any diffusers scheduler for plain sampling.
 
-    The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private
-    DDIMScheduler, so the pipeline itself is not modified; ``schedule`` names a preset of SCHEDULES applied on top. Whatever adapters the UNet carries are used;
-    ``reference=True`` disables them to give the base model.
+    The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private scheduler of
+    the kind ``scheduler`` names, so the pipeline itself is not modified; ``schedule`` names a preset of SCHEDULES
+    applied on top. Whatever adapters the UNet carries are used; ``reference=True`` disables them to give the base
+    model. Latents are the scheduler's own: σ-scaled (x0 + σε) for Euler ancestral, √ᾱ-scaled otherwise.
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, num_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 1.0, resolution: int | None = None, *, negative_prompt: str = "",
-                 gradient_checkpointing: bool = True, schedule: str = "model"):
+                 gradient_checkpointing: bool = True, schedule: str = "model", scheduler: str = "ddim"):
         if not 0.0 <= eta <= 1.0:
             raise UserInputError(f"eta must be in [0, 1], got {eta}")
         if num_steps < 1:
@@ -81,20 +110,51 @@ class SDSampler:
             self.vae.enable_gradient_checkpointing()
         if schedule not in SCHEDULES:
             raise unknown_name("schedule", schedule, SCHEDULES)
-        self.schedule = schedule
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **SCHEDULES[schedule])
-        if self.scheduler.config.thresholding:
+        if schedule in MIDPOINT_FINAL_ALPHA and scheduler != "ddim":
+            raise UserInputError(f"sample.schedule={schedule} is a DDIM schedule; use it with sample.scheduler=ddim")
+        self.schedule, self.scheduler_name = schedule, scheduler
+        # A private scheduler from the pipeline's config (betas, prediction type, ...); the pipeline keeps its own.
+        self.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config, **SCHEDULES[schedule])
+        if getattr(self.scheduler.config, "thresholding", False):
             raise UserInputError("dynamic thresholding is for pixel-space models; disable it in the scheduler config")
+        if scheduler == "lcm" and self.unet.config.time_cond_proj_dim is not None:
+            raise UserInputError("this UNet is a guidance-embedded LCM (time_cond_proj_dim is set), which diffrl does "
+                                 "not sample yet; use LCM-LoRA on its base model with sample.scheduler=lcm")
         self.prediction_type = self.scheduler.config.prediction_type
         self.resolution = resolution or self.unet.config.sample_size * pipe.vae_scale_factor
         if self.resolution % pipe.vae_scale_factor:
             raise UserInputError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
         self._set_schedule()
 
+    @property
+    def has_transitions(self) -> bool:
+        """Whether every step is a Gaussian transition this sampler recomputes (step, log_prob)."""
+        return self.scheduler_name in SCHEDULERS
+
+    def require_transitions(self, method: str) -> None:
+        if not self.has_transitions:
+            raise UserInputError(f"{method} needs single denoising steps recomputed, which sample.scheduler="
+                                 f"{self.scheduler_name} does not expose; use one of {', '.join(SCHEDULERS)}")
+
     def _set_schedule(self) -> None:
         device = self.unet.device
         self.scheduler.set_timesteps(self.num_steps, device=device)
-        self.timesteps = self.scheduler.timesteps                       # [T] int64, like the pipeline's
+        self.timesteps = self.scheduler.timesteps                       # [T], the pipeline's own values and dtype
+        self.input_divisors = None    # the UNet sees latents / input_divisors[i] (Euler's σ-space latents)
+        if self.scheduler_name == "ddim":
+            self._set_ddim_schedule(device)
+        elif self.scheduler_name == "euler_ancestral":
+            self._set_euler_schedule(device)
+        elif self.scheduler_name == "lcm":
+            self._set_lcm_schedule(device)
+        else:
+            self.stds = None
+        # Which steps draw noise (consuming the generator as diffusers does) and which have a density.
+        self.stochastic_steps = [] if self.stds is None else [i for i, s in enumerate(self.stds.tolist()) if s > 0]
+        self._draws_noise = [self.scheduler_name == "euler_ancestral" or i in self.stochastic_steps
+                             for i in range(self.num_steps)]
+
+    def _set_ddim_schedule(self, device) -> None:
         # diffusers' DDIM rule for the next timestep, kept so that eta = 0 matches the pipeline exactly.
         prev = self.timesteps.cpu() - self.scheduler.config.num_train_timesteps // self.num_steps
         alphas_cumprod = self.scheduler.alphas_cumprod
@@ -104,6 +164,20 @@ class SDSampler:
             final_alpha = (1 + alphas_cumprod[self.timesteps[-1].cpu()]) / 2
         self.alphas_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final_alpha).to(device)  # ᾱ_{t'}
         self.stds = ddim_std(self.alphas, self.alphas_prev, self.eta)          # σ_t(η) [T]
+
+    def _set_euler_schedule(self, device) -> None:
+        sigmas = self.scheduler.sigmas.to(device)                               # [T + 1], σ = 0 at the end
+        self.sigmas, self.sigmas_next = sigmas[:-1], sigmas[1:]
+        self.input_divisors = (self.sigmas**2 + 1) ** 0.5
+        self.alphas = 1 / (1 + self.sigmas**2)                                  # ᾱ of each step's noise level
+        self.stds = (self.sigmas_next**2 * (self.sigmas**2 - self.sigmas_next**2) / self.sigmas**2) ** 0.5
+
+    def _set_lcm_schedule(self, device) -> None:
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
+        self.alphas = alphas_cumprod[self.timesteps]
+        self.lcm_next_scales, self.stds = lcm_step_tables(alphas_cumprod[next_timesteps])
+        self.lcm_c_skip, self.lcm_c_out = lcm_boundary_scalings(self.timesteps, self.scheduler.config.timestep_scaling)
 
     @property
     def device(self) -> torch.device:
@@ -158,6 +232,10 @@ class SDSampler:
         finally:
             unet.enable_adapters()
 
+    def base_model(self):
+        """A context in which every UNet call (sampling included) runs the base model, its LoRA adapters off."""
+        return self._adapters(enabled=False)
+
     def predict_noise(self, latents: Tensor, t: Tensor | int, prompt_embeds: Tensor, *,
                       negative_prompt_embeds: Tensor | None = None, guidance_scale: float | None = None,
                       reference: bool = False) -> Tensor:
@@ -172,30 +250,45 @@ class SDSampler:
         alpha_t = _broadcast(self.scheduler.alphas_cumprod.to(latents.device)[t], latents)
         return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
 
-    # -- one DDIM transition --------------------------------------------------------------------------------------
+    # -- one transition ------------------------------------------------------------------------------------------
     def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
              negative_prompt_embeds: Tensor | None = None, *, generator=None, reference: bool = False,
              add_noise: bool = True) -> DDIMStep:
-        """The DDIM transition from step index i (an int, or a [B] tensor of per-sample indices).
+        """The transition from step index i (an int, or a [B] tensor of per-sample indices).
 
         ``add_noise=False`` returns the mean as the next latent without drawing noise (Adjoint Matching's drift)."""
+        self.require_transitions("this")
         if torch.is_tensor(i):
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
-        alpha_t, alpha_prev = _broadcast(self.alphas[i], latents), _broadcast(self.alphas_prev[i], latents)
-        std = _broadcast(self.stds[i], latents)
+        model_input = latents if self.input_divisors is None else latents / _broadcast(self.input_divisors[i], latents)
         with self._adapters(enabled=not reference):
-            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, self.guidance_scale,
+            output = self._model_output(model_input, t, prompt_embeds, negative_prompt_embeds, self.guidance_scale,
                                         reference)
-        x0, eps = x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)
-        if self.scheduler.config.clip_sample:
-            limit = self.scheduler.config.clip_sample_range
-            x0 = x0.clamp(-limit, limit)
-        mean = ddim_mean(x0, eps, alpha_prev, std)
-        if self.eta == 0 or not add_noise:
+        mean, std, eps = self._transition(output, latents, i)
+        draws = self._draws_noise[i] if isinstance(i, int) else bool(self.stochastic_steps)
+        if not (add_noise and draws):
             return DDIMStep(mean, mean, std, eps)
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return DDIMStep(mean + std * noise, mean, std, eps)
+
+    def _transition(self, output: Tensor, latents: Tensor, i: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, std, ε̂) of step i's Gaussian from the guided model output."""
+        def at(table: Tensor) -> Tensor:
+            return _broadcast(table[i], latents)
+
+        if self.scheduler_name == "euler_ancestral":
+            return euler_ancestral_transition(output, latents, at(self.sigmas), at(self.sigmas_next),
+                                              self.prediction_type)
+        clip = self.scheduler.config.clip_sample_range if self.scheduler.config.clip_sample else None
+        if self.scheduler_name == "lcm":
+            return lcm_transition(output, latents, at(self.alphas), at(self.lcm_c_skip), at(self.lcm_c_out),
+                                  at(self.lcm_next_scales), at(self.stds), self.prediction_type, clip)
+        x0, eps = x0_eps_from_model_output(output, latents, at(self.alphas), self.prediction_type)
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        std = at(self.stds)
+        return ddim_mean(x0, eps, at(self.alphas_prev), std), std, eps
 
     # -- whole trajectories ---------------------------------------------------------------------------------------
     def initial_latents(self, batch_size: int, generator=None) -> Tensor:
@@ -212,18 +305,16 @@ class SDSampler:
         prompt_embeds, negative_prompt_embeds = self.encode_prompts(prompts)
         latents = (self.initial_latents(len(prompts), generator) if initial_latents is None
                    else initial_latents.to(self.device, self.unet.dtype))
+        steps = self._transitions if self.has_transitions else self._scheduler_steps
         first_grad_step = self.num_steps - grad_last_k
         all_latents, log_probs, noise_preds = [latents], [], []
-        for i in range(self.num_steps):
-            differentiable = i >= first_grad_step
-            with torch.enable_grad() if differentiable else torch.no_grad():
-                step = self.step(latents.detach() if i == first_grad_step else latents, i, prompt_embeds,
-                                 negative_prompt_embeds, generator=generator)
+        for i, step in enumerate(steps(latents, first_grad_step, prompt_embeds, negative_prompt_embeds, generator)):
             latents = step.prev_latents
             all_latents.append(latents.detach())
-            if self.eta > 0:
-                log_probs.append(gaussian_log_prob(latents.detach(), step.mean.detach(), step.std))
-            if differentiable:
+            if self.stochastic_steps:   # a deterministic step has no density: 0, nothing to a likelihood ratio
+                log_probs.append(gaussian_log_prob(latents.detach(), step.mean.detach(), step.std)
+                                 if i in self.stochastic_steps else latents.new_zeros(len(prompts), dtype=torch.float32))
+            if i >= first_grad_step:
                 noise_preds.append(step.noise_pred)
         with torch.enable_grad() if grad_last_k else torch.no_grad():
             images = self.decode(latents)
@@ -233,6 +324,27 @@ class SDSampler:
             negative_prompt_embeds=negative_prompt_embeds,
             noise_preds=torch.stack(noise_preds, dim=1) if noise_preds else None)
 
+    def _transitions(self, latents, first_grad_step, prompt_embeds, negative_prompt_embeds, generator):
+        for i in range(self.num_steps):
+            with torch.enable_grad() if i >= first_grad_step else torch.no_grad():
+                step = self.step(latents.detach() if i == first_grad_step else latents, i, prompt_embeds,
+                                 negative_prompt_embeds, generator=generator)
+            latents = step.prev_latents
+            yield step
+
+    def _scheduler_steps(self, latents, first_grad_step, prompt_embeds, negative_prompt_embeds, generator):
+        """Any diffusers scheduler through its own scale_model_input and step (stateful: reset for each batch)."""
+        self.scheduler.set_timesteps(self.num_steps, device=self.device)
+        for i, t in enumerate(self.scheduler.timesteps):
+            with torch.enable_grad() if i >= first_grad_step else torch.no_grad():
+                if i == first_grad_step:
+                    latents = latents.detach()
+                model_input = self.scheduler.scale_model_input(latents, t)
+                output = self._model_output(model_input, t, prompt_embeds, negative_prompt_embeds,
+                                            self.guidance_scale)
+                latents = self.scheduler.step(output, t, latents, generator=generator, return_dict=False)[0]
+            yield DDIMStep(latents, latents, latents.new_zeros(()), output)
+
     def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor:
         """[B] float32 log p(latents[:, i+1] | latents[:, i]) under the current weights, with grad."""
         rows = torch.arange(len(traj), device=traj.latents.device)
@@ -240,12 +352,16 @@ class SDSampler:
                                         traj.negative_prompt_embeds)[0]
 
     def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
-                            negative_prompt_embeds: Tensor | None = None) -> tuple[Tensor, DDIMStep]:
-        """[B] float32 log p(next_latents | latents) of step index i (int or [B]) under the current weights, with
-        grad, and the step itself (its guided ε̂ is what DPOK's KL term compares with the reference model's)."""
-        if self.eta == 0:
-            raise ValueError("log-probs need a stochastic sampler (eta > 0); with eta = 0 the step is deterministic")
-        step = self.step(latents, i, prompt_embeds, negative_prompt_embeds)
+                            negative_prompt_embeds: Tensor | None = None, *, reference: bool = False
+                            ) -> tuple[Tensor, DDIMStep]:
+        """[B] float32 log p(next_latents | latents) of step index i (int or [B], each one of ``stochastic_steps``)
+        under the current weights (``reference=True``: the base model, adapters off), with grad, and the step itself
+        (its guided ε̂ is what DPOK's KL term compares with the reference model's)."""
+        self.require_transitions("a log-prob")
+        if not self.stochastic_steps:
+            raise ValueError("log-probs need a stochastic sampler (DDIM with eta > 0, euler_ancestral or lcm with "
+                             "at least 2 steps); every step of this one is deterministic")
+        step = self.step(latents, i, prompt_embeds, negative_prompt_embeds, reference=reference)
         return gaussian_log_prob(next_latents, step.mean, step.std), step
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from diffrl.lora import add_lora
 from diffrl.models import load_pipeline
 from diffrl.optimization import Optimization
 from diffrl.report import write_report
-from diffrl.sampler import SCHEDULES, SDSampler
+from diffrl.sampler import SCHEDULES, SDSampler, scheduler_class
 from diffrl.trainers import TRAINERS
 from rewards import load_reward
 
@@ -95,6 +95,7 @@ def check_environment(config: Config) -> None:
         raise unknown_name("lr_scheduler", config.train.lr_scheduler, schedulers)
     if config.sample.schedule not in SCHEDULES:
         raise unknown_name("sample.schedule", config.sample.schedule, SCHEDULES)
+    scheduler_class(config.sample.scheduler)
     tracker = config.log.tracker
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if tracker in available and not available[tracker]():
@@ -131,7 +132,8 @@ def build_run(config: Config, output_dir: Path) -> Run:
         pipe.unet.compile()
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                         negative_prompt=sample.negative_prompt,
-                        gradient_checkpointing=uses_gradient_checkpointing(config), schedule=sample.schedule)
+                        gradient_checkpointing=uses_gradient_checkpointing(config), schedule=sample.schedule,
+                        scheduler=sample.scheduler)
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)
@@ -143,7 +145,9 @@ def build_run(config: Config, output_dir: Path) -> Run:
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     sampler.denoiser = unet
     optimization = Optimization(accelerator, unet, optimizer, lr_scheduler, params, train_config.max_grad_norm)
-    trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization)
+    # Trainers that cache data (dataset latents, generated images) keep it in the run folder, so resume finds it.
+    context = {"run_dir": output_dir} if getattr(trainer_class, "needs_run_dir", False) else {}
+    trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization, **context)
     return Run(config, accelerator, pipe, sampler, reward, trainer,
                TrainingState(optimizer, lr_scheduler, trainer, optimization), prompts, optimization)
 

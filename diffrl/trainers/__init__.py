@@ -9,6 +9,8 @@ from diffrl.trainers.ddpo import DdpoConfig, DdpoTrainer
 from diffrl.trainers.dpok import DpokConfig, DpokTrainer
 from diffrl.trainers.draft import DraftConfig, DraftTrainer
 from diffrl.trainers.loop import LoopConfig, LoopTrainer
+from diffrl.trainers.pso import PsoConfig, PsoTrainer
+from diffrl.trainers.spin import SpinConfig, SpinTrainer
 
 
 class Trainer(Protocol):
@@ -26,4 +28,6 @@ TRAINERS = {
     "loop": (LoopConfig, LoopTrainer),
     "dpok": (DpokConfig, DpokTrainer),
     "adjoint_matching": (AdjointMatchingConfig, AdjointMatchingTrainer),
+    "spin": (SpinConfig, SpinTrainer),
+    "pso": (PsoConfig, PsoTrainer),
 }

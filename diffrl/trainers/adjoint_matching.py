@@ -140,9 +140,10 @@ def check_config(config: AdjointMatchingConfig, sampler: SDSampler, reward: Rewa
     if not getattr(reward, "differentiable", False):
         raise UserInputError(f"Adjoint Matching starts from the reward's gradient, but {type(reward).__name__} is not "
                              "differentiable; use a differentiable reward or a policy-gradient trainer (ddpo, dpok)")
-    if sampler.eta != 1.0:
+    if sampler.scheduler_name != "ddim" or sampler.eta != 1.0:
+        got = f"eta={sampler.eta}" if sampler.scheduler_name == "ddim" else f"scheduler={sampler.scheduler_name}"
         raise UserInputError(f"Adjoint Matching needs the memoryless schedule, DDIM with eta = 1, to reach "
-                             f"p_base·exp(λr); set sample.eta=1 (got {sampler.eta})")
+                             f"p_base·exp(λr); set sample.scheduler=ddim and sample.eta=1 (got sample.{got})")
     if config.cfg_mode == "none" and sampler.do_cfg:
         raise UserInputError("adjoint_matching.cfg_mode none samples without guidance; set sample.guidance_scale=1 "
                              "or choose cfg_mode trajectory_only")

@@ -61,6 +61,9 @@ class DraftTrainer:
             raise UserInputError(f"draft.k must be in [1, sample.num_steps={sampler.num_steps}], got {config.k}")
         if config.lv_samples and (config.k != 1 or config.truncation != "fixed"):
             raise UserInputError("draft.lv_samples (DRaFT-LV) needs draft.k = 1 and draft.truncation = fixed")
+        if (config.lv_samples or config.kl_coeff) and sampler.scheduler_name != "ddim":
+            raise UserInputError("draft.lv_samples (DRaFT-LV) and draft.kl_coeff (DRaFT+) are defined on DDIM steps; "
+                                 "set sample.scheduler=ddim")
         if config.lv_samples < 0 or config.kl_coeff < 0:
             raise UserInputError("draft.lv_samples and draft.kl_coeff must be non-negative")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization

@@ -67,6 +67,11 @@ def optimizer_steps_per_rollout(config: ClippedSurrogateConfig, section: str, nu
 
 
 def require_stochastic(sampler: SDSampler, method: str) -> None:
+    """The policy-gradient trainers train every step of stochastic DDIM; few-step samplers end deterministic."""
+    if sampler.scheduler_name != "ddim":
+        raise UserInputError(f"{method} trains on every denoising step, so it needs sample.scheduler=ddim with "
+                             f"sample.eta > 0; {sampler.scheduler_name}'s last step is deterministic or not "
+                             "recomputable (few-step students train with trainer=pso)")
     if sampler.eta <= 0:
         raise UserInputError(f"{method} optimises the likelihood of stochastic steps: set sample.eta > 0 "
                              "(the paper uses 1.0); with eta = 0 the sampler has no log-probabilities")

@@ -1,0 +1,197 @@
+"""What the image-pair preference trainers share (SPIN-Diffusion, offline PSO): the dataset as cached latents, images
+generated once per record and cached on disk, and one Diffusion-DPO update on (winner, loser) latent pairs.
+
+Generated latents are a pure function of (weights, seed, record index): each record's initial noise comes from its
+own seeded generator, so a cache rebuilt after a crash, or on another number of processes, holds the same images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from diffrl.errors import UserInputError
+from diffrl.preference import denoising_errors, diffusion_dpo_loss
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from diffrl.optimization import Optimization
+    from diffrl.sampler import SDSampler
+
+
+@dataclass
+class PairDatasetConfig:
+    dataset: str | None = None             # JSONL / folder of (prompt, image), a save_to_disk folder, or a hub id
+    dataset_split: str = "train"           # split of a `datasets` dataset
+    dataset_prompt_column: str | None = None  # `datasets` column of the prompt; None: prompt, caption or text
+    dataset_image_column: str | None = None   # `datasets` column of the image; None: image, jpg or png (Pick-a-Pic:
+    #                                          the preferred one of jpg_0/jpg_1)
+    dataset_limit: int | None = None       # use only the first N records (quick runs); None: all
+    cache_dir: str | None = None           # where dataset latents are cached (content-hashed); None: <run>/cache
+    generation_batch_size: int = 8         # images per batch when generating the pairs' generated side
+
+
+@dataclass
+class PairDataset:
+    prompts: list[str]
+    latents: Tensor            # [N, C, h, w] float32 on CPU: the VAE posterior mean × scaling factor
+    key: str                   # content hash of images, prompts, resolution and VAE (cache_key)
+
+
+def load_pair_dataset(config: PairDatasetConfig, section: str, sampler: SDSampler, run_dir: Path) -> PairDataset:
+    """The configured dataset's prompts and latents, encoded on the main process once and cached by content."""
+    from diffrl.image_data import cache_key, encode_latents, load_image_records
+
+    if config.dataset is None:
+        raise UserInputError(f"{section}.dataset is not set: give a JSONL or folder of (prompt, image) pairs or a "
+                             f"`datasets` dataset, e.g. {section}.dataset=assets/datasets/shapes")
+    records = load_image_records(config.dataset, split=config.dataset_split, prompt_column=config.dataset_prompt_column,
+                                 image_column=config.dataset_image_column)
+    records = records[:config.dataset_limit] if config.dataset_limit else records
+    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    accelerator = _accelerator()
+    with accelerator.main_process_first():   # the main process encodes and writes; the others read its cache
+        latents = encode_latents(records, sampler.vae, sampler.resolution, cache_dir)
+    return PairDataset([r.prompt for r in records], latents, cache_key(records, sampler.resolution, sampler.vae))
+
+
+def _accelerator() -> Accelerator:
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def record_batch(num_records: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Record indices of one process at one step: seeded epochs, a pure function of the step (exact resume)."""
+    from diffrl.training import prompts_for_step
+
+    state = _accelerator()
+    return prompts_for_step(list(range(num_records)), step, batch_size, seed, state.process_index,
+                            state.num_processes)
+
+
+def record_seed(seed: int, stage: int, index: int) -> int:
+    return (seed * 1_000_003 + stage * 100_003 + index) % (2**63)
+
+
+@torch.no_grad()
+def generate_latents(sampler: SDSampler, prompts: list[str], seed: int, stage: int, batch_size: int) -> Tensor:
+    """[N, C, h, w] final latents sampled by the sampler's current weights, record i from noise seeded by
+    (seed, stage, i); the records are split over processes and gathered, in record order, on every process."""
+    state = _accelerator()
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    parts = []
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
+        noise = torch.cat([sampler.initial_latents(1, torch.Generator(sampler.device).manual_seed(
+            record_seed(seed, stage, i))) for i in indices])
+        traj = sampler.sample([prompts[i] for i in indices], initial_latents=noise,
+                              generator=torch.Generator(sampler.device).manual_seed(record_seed(seed, stage, indices[0])))
+        parts.append(traj.latents[:, -1].float())
+    size = (len(prompts) + state.num_processes - 1) // state.num_processes
+    shape = (sampler.unet.config.in_channels, *noise.shape[2:]) if parts else None
+    local = torch.cat(parts) if parts else torch.zeros(0, *shape, device=sampler.device)
+    if state.num_processes == 1:
+        return local.cpu()
+    from accelerate.utils import gather
+
+    padded = torch.cat([local, local.new_zeros(size - len(local), *local.shape[1:])])
+    gathered = gather(padded).view(state.num_processes, size, *local.shape[1:])
+    order = [gathered[i % state.num_processes, i // state.num_processes] for i in range(len(prompts))]
+    return torch.stack(order).cpu()
+
+
+def cached_latents(path: Path, key: str, make: Callable[[], Tensor]) -> Tensor:
+    """Latents from ``path`` when it was written for ``key``, else made, written atomically by the main process and
+    returned; every process returns the same tensor."""
+    state = _accelerator()
+    if path.is_file() and _cache_key_of(path) == key:
+        return load_file(path)["latents"]
+    latents = make()
+    if state.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        save_file({"latents": latents.contiguous()}, str(temporary), metadata={"key": key})
+        os.replace(temporary, path)
+    state.wait_for_everyone()
+    return latents
+
+
+def _cache_key_of(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("key")
+
+
+@torch.no_grad()
+def score_latents(sampler: SDSampler, reward, latents: Tensor, prompts: list[str], batch_size: int) -> Tensor:
+    """[N] float32 rewards of decoded latents (what the preference trainers report as reward_mean)."""
+    from rewards import score
+
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        images = sampler.decode(latents[start:start + batch_size].to(sampler.device, sampler.vae.dtype))
+        scores.append(score(reward, images, prompts[start:start + batch_size])[0].float().cpu())
+    return torch.cat(scores)
+
+
+def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, losers: Tensor, prompts: list[str],
+               timesteps: Tensor, beta: float, *, shared_noise: bool, generator: torch.Generator,
+               reference: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Tensor]:
+    """One micro-batch of the Diffusion-DPO loss (diffrl.preference) on B (winner, loser) latent pairs.
+
+    Both members of pair b are noised to timestep ``timesteps[b]`` (shared noise by default, Diffusion-DPO's form);
+    the policy sees the 2B noisy latents in one UNet call with grad, the reference in one call without.
+    ``reference`` is a context under which the UNet is the reference model; None: the base model (adapters off).
+    """
+    device, dtype = sampler.device, sampler.unet.dtype
+    clean = torch.cat([winners, losers]).to(device, dtype)
+    noise = torch.randn(clean.shape, generator=generator).to(device, dtype)
+    if shared_noise:
+        noise = torch.cat([noise[:len(winners)]] * 2)
+    t = torch.cat([timesteps, timesteps]).to(device)
+    alpha = sampler.scheduler.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1).to(dtype)
+    noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+    conditional = sampler.encode_prompts(list(prompts))[0]
+    embeds = torch.cat([conditional, conditional])
+    with torch.no_grad(), (reference() if reference else contextlib.nullcontext()):
+        reference_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds,
+                                                                         reference=reference is None))
+    with optimization.accumulate():
+        policy_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds))
+        half = len(winners)
+        loss, stats = diffusion_dpo_loss(policy_errors[:half], policy_errors[half:], reference_errors[:half],
+                                         reference_errors[half:], beta)
+        grad_norm = optimization.step(loss)
+    metrics = {"loss": loss.detach(), "preference_accuracy": stats.accuracy, "implicit_margin": stats.margin,
+               "winner_error": policy_errors[:half].detach().mean(), "loser_error": policy_errors[half:].detach().mean()}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    return metrics
+
+
+@contextlib.contextmanager
+def lora_values(params: list[torch.nn.Parameter], values: list[Tensor]):
+    """The LoRA parameters temporarily set to ``values`` (a frozen earlier iteration): the one UNet serves as its own
+    reference without a second copy. Use it only without a live graph through the parameters (reference calls come
+    before the policy's forward)."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for param, value in zip(params, values):
+            param.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, saved):
+                param.copy_(value)
+

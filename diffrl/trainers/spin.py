@@ -1,0 +1,144 @@
+"""SPIN-Diffusion: Self-Play Fine-Tuning of Diffusion Models for Text-to-Image Generation.
+
+Yuan, Chen, Chen, Gu. NeurIPS 2024, arXiv 2402.10210. Needs real (prompt, image) pairs; no reward is trained on.
+
+    for iteration k = 1, 2, ... (each with its own learning rate, β and number of steps):
+        1. θ_{k-1} (the weights at the end of the previous iteration; the base model for k = 1) generates one opponent
+           image per dataset prompt, with the sample section's settings (paper: CFG 7.5); cached on disk.
+        2. θ_{k-1} is frozen as the reference; θ_k starts from it with a fresh AdamW state.
+        3. Each step, B records: winner = the real image, loser = the opponent image of the same prompt, both noised
+           (shared ε by default) to one timestep t ~ U{0, ..., 999}; minimise the Diffusion-DPO-form loss
+           −log σ(−β[(‖ε − ε_θ(x^w_t)‖² − ‖ε − ε_ref(x^w_t)‖²) − (‖ε − ε_θ(x^l_t)‖² − ‖ε − ε_ref(x^l_t)‖²)])
+           with errors averaged over latent elements (diffrl.preference), so β is on the paper's 2000-5000 scale.
+Paper presets (lr / β / steps): 2e-5 / 2000 / 50, 2e-5 / 5000 / 500, 5e-8 / 5000 / 200 (the default iterations).
+Choices the paper leaves open: shared noise within a pair (the paper is ambiguous: `shared_noise`); AdamW restarts each
+iteration, as a new run from θ_{k-1} would; the frozen θ_{k-1} is the same UNet with its LoRA values swapped in for
+the reference calls, not a second copy. reward_mean is the configured reward of this batch's opponent images (the
+samples of θ_{k-1}), scored once per iteration: SPIN samples nothing else while it trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffrl.errors import UserInputError
+from diffrl.optimization import metrics_to_floats
+from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
+                                   load_pair_dataset, lora_values, record_batch, score_latents)
+from rewards import Reward
+
+if TYPE_CHECKING:
+    from diffrl.config import Config
+    from diffrl.optimization import Optimization
+    from diffrl.sampler import SDSampler
+
+
+@dataclass
+class SpinIteration:
+    learning_rate: float                   # AdamW learning rate of this iteration (replaces train.learning_rate)
+    beta: float                            # β of the Diffusion-DPO-form loss
+    steps: int                             # trainer steps of this iteration
+
+
+def _paper_iterations() -> list[SpinIteration]:
+    return [SpinIteration(2e-5, 2000.0, 50), SpinIteration(2e-5, 5000.0, 500), SpinIteration(5e-8, 5000.0, 200)]
+
+
+@dataclass
+class SpinConfig(PairDatasetConfig):
+    iterations: list[SpinIteration] = field(default_factory=_paper_iterations)  # paper's three iterations
+    shared_noise: bool = True              # both members of a pair get the same ε (Diffusion-DPO's form)
+    seed: int = 0                          # seed of the trainer's own draws and of the opponents' noise
+
+
+class SpinTrainer:
+    """SPIN-Diffusion: self-play against the previous iteration, real images as winners."""
+
+    needs_run_dir = True
+
+    def __init__(self, config: SpinConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
+                 run_dir: Path):
+        if not config.iterations or any(it.steps < 1 or it.beta <= 0 or it.learning_rate <= 0
+                                        for it in config.iterations):
+            raise UserInputError("spin.iterations must list at least one {learning_rate, beta, steps}, each positive")
+        self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
+        self.run_dir, self.generator = run_dir, torch.Generator().manual_seed(config.seed)
+        self.dataset = load_pair_dataset(config, "spin", sampler, run_dir)
+        self.steps_done, self.iteration = 0, -1          # iteration: 0-based index into config.iterations
+        self.frozen: list[torch.Tensor] | None = None    # θ_{k-1}'s LoRA values: the reference and opponent maker
+        self.opponents = self.opponent_rewards = None
+
+    @staticmethod
+    def optimizer_steps_per_step(config: Config) -> float:
+        total = sum(it.steps for it in config.spin.iterations)
+        if config.train.steps > total:
+            raise UserInputError(f"train.steps ({config.train.steps}) is more than spin.iterations plan "
+                                 f"({' + '.join(str(it.steps) for it in config.spin.iterations)} = {total}); "
+                                 "lower train.steps or add an iteration")
+        return 1 / config.train.gradient_accumulation_steps   # one micro-batch per step
+
+    def iteration_of(self, step: int) -> int:
+        end = 0
+        for index, iteration in enumerate(self.config.iterations):
+            end += iteration.steps
+            if step < end:
+                return index
+        return len(self.config.iterations) - 1
+
+    def step(self, prompts: list[str]) -> dict[str, float]:
+        k = self.iteration_of(self.steps_done)
+        if k != self.iteration:
+            self._begin_iteration(k)                                                              # step 2
+        if self.opponents is None:
+            self._load_opponents()                                                                # step 1
+        dataset, iteration = self.dataset, self.config.iterations[k]
+        indices = record_batch(len(dataset.prompts), self.steps_done, len(prompts), self.config.seed)
+        timesteps = torch.randint(self.sampler.scheduler.config.num_train_timesteps, (len(indices),),
+                                  generator=self.generator)
+        metrics = dpo_update(self.sampler, self.optimization, dataset.latents[indices], self.opponents[indices],
+                             [dataset.prompts[i] for i in indices], timesteps, iteration.beta,
+                             shared_noise=self.config.shared_noise, generator=self.generator,
+                             reference=lambda: lora_values(self.optimization.params, self.frozen))      # step 3
+        self.steps_done += 1
+        rewards = self.opponent_rewards[indices]
+        return metrics_to_floats({**metrics, "iteration": k + 1, "reward_mean": rewards.mean(),
+                                  "reward_std": rewards.std(correction=0)})
+
+    def _begin_iteration(self, k: int) -> None:
+        """θ_{k-1} := the current weights, frozen; this iteration's learning rate; a fresh optimiser state."""
+        self.iteration, self.opponents = k, None
+        self.frozen = [p.detach().clone() for p in self.optimization.params]
+        self.optimization.restart(self.config.iterations[k].learning_rate)
+
+    def _load_opponents(self) -> None:
+        sampler, config, k = self.sampler, self.config, self.iteration
+        weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in self.frozen)).hexdigest()[:16]
+        settings = (f"{self.dataset.key} {weights} {sampler.scheduler_name} {sampler.schedule} {sampler.eta} "
+                    f"{sampler.num_steps} {sampler.guidance_scale} {sampler.resolution} {config.seed}")
+        key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+        def generate() -> torch.Tensor:
+            with lora_values(self.optimization.params, self.frozen):
+                return generate_latents(sampler, self.dataset.prompts, config.seed, k + 1,
+                                        config.generation_batch_size)
+
+        path = self.run_dir / "spin" / f"opponents-iteration-{k + 1}.safetensors"
+        self.opponents = cached_latents(path, key, generate)
+        self.opponent_rewards = score_latents(sampler, self.reward, self.opponents, self.dataset.prompts,
+                                              config.generation_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "steps_done": self.steps_done, "iteration": self.iteration,
+                "frozen": [] if self.frozen is None else [t.cpu() for t in self.frozen]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.steps_done, self.iteration = state["steps_done"], state["iteration"]
+        device = self.optimization.params[0].device
+        self.frozen = [t.to(device) for t in state["frozen"]] or None
+        self.opponents = self.opponent_rewards = None   # read back from this iteration's cache at the next step
