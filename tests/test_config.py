@@ -300,3 +300,11 @@ def test_only_the_active_trainer_section_is_saved():
     assert data["other"] == {"beta": 0.1} and "draft" not in data
     data = config_to_dict(TwoTrainerConfig())
     assert "other" not in data and data["draft"] == dataclasses.asdict(DraftConfig())
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "assets" / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_config_loads(path):
+    """Demos and GPU recipes alike: every key and value is one the schema accepts."""
+    config = load_config(path)
+    assert config.trainer in trainer_sections()

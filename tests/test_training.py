@@ -272,12 +272,20 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     (["prompts={tmp}/empty.txt"], "holds no prompts"),
     (["model={tmp}/nowhere"], "unknown model"),
     (["train.attention=xformers"], "train.attention=xformers "),   # not installed here; on a CPU if it were
+    (["sample.scheduler=euler"], "unknown sample.scheduler 'euler'"),
+    (["trainer=ddpo", "sample.scheduler=lcm"], "DDPO trains on every denoising step, so it needs sample.scheduler=ddim"),
+    (["trainer=pso", "sample.eta=0"], "online PSO compares the likelihoods of stochastic steps"),
+    (["trainer=spin"], "spin.dataset is not set"),
+    (["trainer=spin", "spin.dataset=assets/datasets/shapes", "spin.iterations=[{{learning_rate: 1, beta: 1, steps: 2}}]"],
+     "more than spin.iterations plan"),
+    (["trainer=spin", "spin.dataset={tmp}/data.jsonl"], "line 1: image"),
 ])
 def test_bad_input_catalogue_exits_2_with_one_sentence(overrides, expected, tmp_path, capsys):
     """The rows of docs/bad_input.md not covered in tests/test_cli.py; the CLI called in-process."""
     from diffrl.cli import main
 
     (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a red circle", "image": "missing.png"}\n')
     code = main(["train", "assets/configs/tiny-draft.yaml", *[o.format(tmp=tmp_path) for o in overrides],
                  *SHORT, "--quiet", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()

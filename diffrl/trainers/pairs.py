@@ -69,13 +69,20 @@ def _accelerator() -> Accelerator:
     return PartialState()
 
 
-def record_batch(num_records: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """Record indices of one process at one step: seeded epochs, a pure function of the step (exact resume)."""
+def record_batch(num_records: int, step: int, batch_size: int, seed: int, process: int | None = None) -> list[int]:
+    """Record indices of one process (default: this one) at one step: seeded epochs, a pure function of the step,
+    so a resumed run sees the same records and an iteration knows in advance which records it will use."""
     from diffrl.training import prompts_for_step
 
     state = _accelerator()
-    return prompts_for_step(list(range(num_records)), step, batch_size, seed, state.process_index,
-                            state.num_processes)
+    process = state.process_index if process is None else process
+    return prompts_for_step(list(range(num_records)), step, batch_size, seed, process, state.num_processes)
+
+
+def records_of_steps(num_records: int, steps: range, batch_size: int, seed: int) -> list[int]:
+    """Every record any process uses in these steps, sorted."""
+    processes = range(_accelerator().num_processes)
+    return sorted({i for step in steps for p in processes for i in record_batch(num_records, step, batch_size, seed, p)})
 
 
 def record_seed(seed: int, stage: int, index: int) -> int:
@@ -83,22 +90,23 @@ def record_seed(seed: int, stage: int, index: int) -> int:
 
 
 @torch.no_grad()
-def generate_latents(sampler: SDSampler, prompts: list[str], seed: int, stage: int, batch_size: int) -> Tensor:
-    """[N, C, h, w] final latents sampled by the sampler's current weights, record i from noise seeded by
-    (seed, stage, i); the records are split over processes and gathered, in record order, on every process."""
+def generate_latents(sampler: SDSampler, prompts: list[str], seeds: list[int], batch_size: int) -> Tensor:
+    """[N, C, h, w] final latents sampled by the sampler's current weights, image i from noise seeded by seeds[i]
+    (see record_seed); the images are split over processes and gathered, in order, on every process."""
     state = _accelerator()
     mine = list(range(state.process_index, len(prompts), state.num_processes))
-    parts = []
+    parts, noise = [], None
     for start in range(0, len(mine), batch_size):
         indices = mine[start:start + batch_size]
-        noise = torch.cat([sampler.initial_latents(1, torch.Generator(sampler.device).manual_seed(
-            record_seed(seed, stage, i))) for i in indices])
+        noise = torch.cat([sampler.initial_latents(1, torch.Generator(sampler.device).manual_seed(seeds[i]))
+                           for i in indices])
         traj = sampler.sample([prompts[i] for i in indices], initial_latents=noise,
-                              generator=torch.Generator(sampler.device).manual_seed(record_seed(seed, stage, indices[0])))
+                              generator=torch.Generator(sampler.device).manual_seed(seeds[indices[0]]))
         parts.append(traj.latents[:, -1].float())
     size = (len(prompts) + state.num_processes - 1) // state.num_processes
-    shape = (sampler.unet.config.in_channels, *noise.shape[2:]) if parts else None
-    local = torch.cat(parts) if parts else torch.zeros(0, *shape, device=sampler.device)
+    side = sampler.resolution // sampler.pipe.vae_scale_factor
+    local = torch.cat(parts) if parts else torch.zeros(0, sampler.unet.config.in_channels, side, side,
+                                                       device=sampler.device)
     if state.num_processes == 1:
         return local.cpu()
     from accelerate.utils import gather
@@ -120,7 +128,7 @@ def cached_latents(path: Path, key: str, make: Callable[[], Tensor]) -> Tensor:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         save_file({"latents": latents.contiguous()}, str(temporary), metadata={"key": key})
-        os.replace(temporary, path)
+        os.replace(temporary, path)   # atomic: a killed run never leaves a half-written cache behind
     state.wait_for_everyone()
     return latents
 

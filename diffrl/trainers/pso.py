@@ -37,7 +37,7 @@ from diffrl.errors import UserInputError
 from diffrl.optimization import metrics_to_floats
 from diffrl.preference import pso_online_loss
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
-                                   load_pair_dataset, record_batch)
+                                   load_pair_dataset, record_batch, record_seed)
 from rewards import Reward, score
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ class PsoTrainer:
                 raise UserInputError("pso.dataset is used by pso.mode=offline; online PSO ranks its own samples")
             if not sampler.stochastic_steps:
                 raise UserInputError("online PSO compares the likelihoods of stochastic steps, and this sampler has "
-                                     "none: use sample.scheduler=euler_ancestral or lcm with sample.num_steps >= 2")
+                                     "none: use sample.scheduler=euler_ancestral or lcm with sample.num_steps >= 2, "
+                                     "or ddim with sample.eta > 0")
             optimization.set_backward_passes_per_micro_batch(len(sampler.stochastic_steps))
         else:
             self.dataset = load_pair_dataset(config, "pso", sampler, run_dir)
@@ -148,7 +149,8 @@ class PsoTrainer:
 
         def generate() -> Tensor:
             with sampler.base_model():
-                return generate_latents(sampler, self.dataset.prompts, config.seed, 0, config.generation_batch_size)
+                seeds = [record_seed(config.seed, 0, i) for i in range(len(self.dataset.prompts))]
+                return generate_latents(sampler, self.dataset.prompts, seeds, config.generation_batch_size)
 
         return cached_latents(self.run_dir / "pso" / "initial-student-latents.safetensors", key, generate)
 

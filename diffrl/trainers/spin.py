@@ -4,7 +4,8 @@ Yuan, Chen, Chen, Gu. NeurIPS 2024, arXiv 2402.10210. Needs real (prompt, image)
 
     for iteration k = 1, 2, ... (each with its own learning rate, β and number of steps):
         1. θ_{k-1} (the weights at the end of the previous iteration; the base model for k = 1) generates one opponent
-           image per dataset prompt, with the sample section's settings (paper: CFG 7.5); cached on disk.
+           image for each record the iteration will train on, with the sample section's settings (paper: CFG 7.5);
+           cached on disk. (Records are drawn by a seeded function of the step, so they are known in advance.)
         2. θ_{k-1} is frozen as the reference; θ_k starts from it with a fresh AdamW state.
         3. Each step, B records: winner = the real image, loser = the opponent image of the same prompt, both noised
            (shared ε by default) to one timestep t ~ U{0, ..., 999}; minimise the Diffusion-DPO-form loss
@@ -29,7 +30,8 @@ import torch
 from diffrl.errors import UserInputError
 from diffrl.optimization import metrics_to_floats
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
-                                   load_pair_dataset, lora_values, record_batch, score_latents)
+                                   load_pair_dataset, lora_values, record_batch, record_seed,
+                                   records_of_steps, score_latents)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -95,17 +97,18 @@ class SpinTrainer:
         if k != self.iteration:
             self._begin_iteration(k)                                                              # step 2
         if self.opponents is None:
-            self._load_opponents()                                                                # step 1
+            self._load_opponents(len(prompts))                                                    # step 1
         dataset, iteration = self.dataset, self.config.iterations[k]
         indices = record_batch(len(dataset.prompts), self.steps_done, len(prompts), self.config.seed)
+        rows = [self.opponent_rows[i] for i in indices]
         timesteps = torch.randint(self.sampler.scheduler.config.num_train_timesteps, (len(indices),),
                                   generator=self.generator)
-        metrics = dpo_update(self.sampler, self.optimization, dataset.latents[indices], self.opponents[indices],
+        metrics = dpo_update(self.sampler, self.optimization, dataset.latents[indices], self.opponents[rows],
                              [dataset.prompts[i] for i in indices], timesteps, iteration.beta,
                              shared_noise=self.config.shared_noise, generator=self.generator,
                              reference=lambda: lora_values(self.optimization.params, self.frozen))      # step 3
         self.steps_done += 1
-        rewards = self.opponent_rewards[indices]
+        rewards = self.opponent_rewards[rows]
         return metrics_to_floats({**metrics, "iteration": k + 1, "reward_mean": rewards.mean(),
                                   "reward_std": rewards.std(correction=0)})
 
@@ -115,21 +118,28 @@ class SpinTrainer:
         self.frozen = [p.detach().clone() for p in self.optimization.params]
         self.optimization.restart(self.config.iterations[k].learning_rate)
 
-    def _load_opponents(self) -> None:
+    def iteration_steps(self, k: int) -> range:
+        start = sum(it.steps for it in self.config.iterations[:k])
+        return range(start, start + self.config.iterations[k].steps)
+
+    def _load_opponents(self, batch_size: int) -> None:
         sampler, config, k = self.sampler, self.config, self.iteration
+        records = records_of_steps(len(self.dataset.prompts), self.iteration_steps(k), batch_size, config.seed)
+        prompts = [self.dataset.prompts[i] for i in records]
         weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in self.frozen)).hexdigest()[:16]
-        settings = (f"{self.dataset.key} {weights} {sampler.scheduler_name} {sampler.schedule} {sampler.eta} "
-                    f"{sampler.num_steps} {sampler.guidance_scale} {sampler.resolution} {config.seed}")
+        settings = (f"{self.dataset.key} {weights} {records} {sampler.scheduler_name} {sampler.schedule} "
+                    f"{sampler.eta} {sampler.num_steps} {sampler.guidance_scale} {sampler.resolution} {config.seed}")
         key = hashlib.sha256(settings.encode()).hexdigest()[:16]
 
         def generate() -> torch.Tensor:
+            seeds = [record_seed(config.seed, k + 1, i) for i in records]
             with lora_values(self.optimization.params, self.frozen):
-                return generate_latents(sampler, self.dataset.prompts, config.seed, k + 1,
-                                        config.generation_batch_size)
+                return generate_latents(sampler, prompts, seeds, config.generation_batch_size)
 
         path = self.run_dir / "spin" / f"opponents-iteration-{k + 1}.safetensors"
-        self.opponents = cached_latents(path, key, generate)
-        self.opponent_rewards = score_latents(sampler, self.reward, self.opponents, self.dataset.prompts,
+        self.opponents = cached_latents(path, key, generate)        # row j: record records[j]
+        self.opponent_rows = {record: row for row, record in enumerate(records)}
+        self.opponent_rewards = score_latents(sampler, self.reward, self.opponents, prompts,
                                               config.generation_batch_size)
 
     def state_dict(self) -> dict:

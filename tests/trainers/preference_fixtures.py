@@ -11,17 +11,19 @@ from diffrl.preference import denoising_errors
 
 
 @torch.no_grad()
-def implicit_margins(run, losers: torch.Tensor, *, timesteps: torch.Tensor, reference, seed: int = 99):
-    """[N] −[(e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l))] over the trainer's dataset (winners) and ``losers``, each
-    pair noised with one fresh ε to a timestep drawn from ``timesteps``; ``reference`` is a context giving the
-    reference model (None: adapters off). Positive: the policy prefers the dataset image more than the reference."""
+def implicit_margins(run, records: list[int], losers: torch.Tensor, *, timesteps: torch.Tensor, reference,
+                     seed: int = 99):
+    """[N] −[(e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l))] over the trainer's dataset ``records`` (winners) and
+    ``losers`` (one per record), each pair noised with one fresh ε to a timestep drawn from ``timesteps``;
+    ``reference`` is a context giving the reference model (None: adapters off). Positive: the policy prefers the
+    dataset image more than the reference does."""
     sampler, dataset = run.sampler, run.trainer.dataset
     generator = torch.Generator().manual_seed(seed)
-    n = len(dataset.prompts)
-    t = timesteps[torch.randint(len(timesteps), (n,), generator=generator)]
-    noise = torch.randn(dataset.latents.shape, generator=generator)
+    winners, prompts = dataset.latents[records], [dataset.prompts[i] for i in records]
+    t = timesteps[torch.randint(len(timesteps), (len(records),), generator=generator)]
+    noise = torch.randn(winners.shape, generator=generator)
     alpha = sampler.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    embeds = sampler.encode_prompts(dataset.prompts)[0]
+    embeds = sampler.encode_prompts(prompts)[0]
 
     def errors(clean, as_reference):
         noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
@@ -29,6 +31,6 @@ def implicit_margins(run, losers: torch.Tensor, *, timesteps: torch.Tensor, refe
         with context:
             return denoising_errors(noise, sampler.predict_noise(noisy, t, embeds))
 
-    winners = errors(dataset.latents, False) - errors(dataset.latents, True)
+    preferred = errors(winners, False) - errors(winners, True)
     beaten = errors(losers, False) - errors(losers, True)
-    return -(winners - beaten)
+    return -(preferred - beaten)

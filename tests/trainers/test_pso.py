@@ -98,9 +98,10 @@ def test_offline_losers_come_from_the_initial_student_and_are_cached(tmp_path):
     run.trainer.step(["unused", "unused"])
     cached = run.trainer.reference_latents
     with run.sampler.base_model(), torch.no_grad():
-        from diffrl.trainers.pairs import generate_latents
+        from diffrl.trainers.pairs import generate_latents, record_seed
 
-        expected = generate_latents(run.sampler, run.trainer.dataset.prompts, 0, 0, 8)
+        expected = generate_latents(run.sampler, run.trainer.dataset.prompts, [record_seed(0, 0, i) for i in range(16)],
+                                    8)
     torch.testing.assert_close(cached, expected, rtol=0, atol=1e-6)
     rebuilt = _run(tmp_path, *TURBO, *OFFLINE)
     rebuilt.sampler.sample = None                 # sampling again would fail
@@ -159,5 +160,6 @@ def test_offline_learning_prefers_the_dataset_images(tmp_path):
                "pso.beta=2000")
     for step in range(20):
         run.trainer.step([""] * 8)
-    margins = implicit_margins(run, run.trainer.reference_latents, timesteps=run.trainer.grid, reference=None)
+    records = list(range(len(run.trainer.dataset.prompts)))
+    margins = implicit_margins(run, records, run.trainer.reference_latents, timesteps=run.trainer.grid, reference=None)
     assert margins.mean() > 2e-3 and (margins > 0).float().mean() > 0.8, margins

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from diffrl.errors import UserInputError
 from diffrl.lora import load_lora_into
-from diffrl.trainers.pairs import generate_latents, lora_values
+from diffrl.trainers.pairs import generate_latents, lora_values, record_seed, records_of_steps
 from diffrl.training import build_run, train
 from tests.fixtures import fast_config, straight_and_resumed_states
 from tests.trainers.preference_fixtures import implicit_margins
@@ -45,13 +45,19 @@ def test_opponents_come_from_the_previous_iteration_not_the_base_model(tmp_path)
     train(config, tmp_path / "run", quiet=True)
     cached = load_file(tmp_path / "run" / "spin" / "opponents-iteration-2.safetensors")["latents"]
     run = build_run(_config(TWO_ITERATIONS, "train.steps=3"), tmp_path / "check")
-    prompts = run.trainer.dataset.prompts
+    trainer, all_prompts = run.trainer, run.trainer.dataset.prompts
+
+    def samples(k):   # the opponents' records of iteration k (1-based), seeded as the trainer seeds them
+        records = records_of_steps(len(all_prompts), trainer.iteration_steps(k - 1), 2, 0)
+        return generate_latents(run.sampler, [all_prompts[i] for i in records],
+                                [record_seed(0, k, i) for i in records], 8)
+
     with run.sampler.base_model():
-        base = generate_latents(run.sampler, prompts, 0, 2, 8)
+        base = samples(2)
         first = load_file(tmp_path / "run" / "spin" / "opponents-iteration-1.safetensors")["latents"]
-        torch.testing.assert_close(first, generate_latents(run.sampler, prompts, 0, 1, 8), rtol=0, atol=1e-5)
+        torch.testing.assert_close(first, samples(1), rtol=0, atol=1e-5)
     load_lora_into(run.pipe.unet, tmp_path / "run" / "checkpoints" / "step-000002")   # the end of iteration 1
-    previous = generate_latents(run.sampler, prompts, 0, 2, 8)
+    previous = samples(2)
     torch.testing.assert_close(cached, previous, rtol=0, atol=1e-5)
     assert (cached - base).abs().max() > 1e-2
 
@@ -99,6 +105,7 @@ def test_learning_prefers_the_real_images_over_the_opponents(tmp_path):
     for _ in range(19):
         last = run.trainer.step([""] * 8)
     assert first["loss"] == pytest.approx(0.6931, abs=1e-4) and last["loss"] < 0.6
-    margins = implicit_margins(run, run.trainer.opponents, timesteps=torch.arange(1000),
+    records = sorted(run.trainer.opponent_rows, key=run.trainer.opponent_rows.get)   # in opponent row order
+    margins = implicit_margins(run, records, run.trainer.opponents, timesteps=torch.arange(1000),
                                reference=lambda: lora_values(run.optimization.params, run.trainer.frozen))
     assert margins.mean() > 3e-3 and (margins > 0).float().mean() > 0.9, margins
