@@ -14,8 +14,8 @@ Yuan, Chen, Chen, Gu. NeurIPS 2024, arXiv 2402.10210. Needs real (prompt, image)
 Paper presets (lr / β / steps): 2e-5 / 2000 / 50, 2e-5 / 5000 / 500, 5e-8 / 5000 / 200 (the default iterations).
 Choices the paper leaves open: shared noise within a pair (the paper is ambiguous: `shared_noise`); AdamW restarts each
 iteration, as a new run from θ_{k-1} would; the frozen θ_{k-1} is the same UNet with its LoRA values swapped in for
-the reference calls, not a second copy. reward_mean is the configured reward of this batch's opponent images (the
-samples of θ_{k-1}), scored once per iteration: SPIN samples nothing else while it trains.
+the reference calls, not a second copy. reward_mean is the configured reward of up to `reward_samples` of this iteration's opponent
+images (the samples of θ_{k-1}), scored once per iteration: SPIN samples nothing else while it trains.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def _paper_iterations() -> list[SpinIteration]:
 class SpinConfig(PairDatasetConfig):
     iterations: list[SpinIteration] = field(default_factory=_paper_iterations)  # paper's three iterations
     shared_noise: bool = True              # both members of a pair get the same ε (Diffusion-DPO's form)
+    reward_samples: int = 256              # opponents per iteration scored with the reward (reward_mean)
     seed: int = 0                          # seed of the trainer's own draws and of the opponents' noise
 
 
@@ -68,6 +69,8 @@ class SpinTrainer:
         if not config.iterations or any(it.steps < 1 or it.beta <= 0 or it.learning_rate <= 0
                                         for it in config.iterations):
             raise UserInputError("spin.iterations must list at least one {learning_rate, beta, steps}, each positive")
+        if config.reward_samples < 1:
+            raise UserInputError(f"spin.reward_samples must be at least 1, got {config.reward_samples}")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.run_dir, self.generator = run_dir, torch.Generator().manual_seed(config.seed)
         self.dataset = load_pair_dataset(config, "spin", sampler, run_dir)
@@ -108,7 +111,7 @@ class SpinTrainer:
                              shared_noise=self.config.shared_noise, generator=self.generator,
                              reference=lambda: lora_values(self.optimization.params, self.frozen))      # step 3
         self.steps_done += 1
-        rewards = self.opponent_rewards[rows]
+        rewards = self.opponent_rewards
         return metrics_to_floats({**metrics, "iteration": k + 1, "reward_mean": rewards.mean(),
                                   "reward_std": rewards.std(correction=0)})
 
@@ -139,7 +142,10 @@ class SpinTrainer:
         path = self.run_dir / "spin" / f"opponents-iteration-{k + 1}.safetensors"
         self.opponents = cached_latents(path, key, generate)        # row j: record records[j]
         self.opponent_rows = {record: row for row, record in enumerate(records)}
-        self.opponent_rewards = score_latents(sampler, self.reward, self.opponents, prompts,
+        # Decoding and scoring every opponent would cost a VAE decode and a reward call per training pair; a fixed
+        # sample of the iteration's opponents measures the previous iteration as well.
+        scored = slice(0, config.reward_samples)
+        self.opponent_rewards = score_latents(sampler, self.reward, self.opponents[scored], prompts[scored],
                                               config.generation_batch_size)
 
     def state_dict(self) -> dict:
