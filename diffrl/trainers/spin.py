@@ -85,7 +85,11 @@ class SpinTrainer:
             raise UserInputError(f"train.steps ({config.train.steps}) is more than spin.iterations plan "
                                  f"({' + '.join(str(it.steps) for it in config.spin.iterations)} = {total}); "
                                  "lower train.steps or add an iteration")
-        return 1 / config.train.gradient_accumulation_steps   # one micro-batch per step
+        accumulation = config.train.gradient_accumulation_steps
+        if any(it.steps % accumulation for it in config.spin.iterations):
+            raise UserInputError(f"each of spin.iterations' steps must be a multiple of train.gradient_accumulation_"
+                                 f"steps ({accumulation}), so that no optimiser step mixes two iterations")
+        return 1 / accumulation   # one micro-batch per step
 
     def iteration_of(self, step: int) -> int:
         end = 0

@@ -88,6 +88,8 @@ def test_resume_inside_an_iteration_reads_its_opponents_back(tmp_path):
 def test_bad_iteration_plans_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="more than spin.iterations plan"):
         build_run(_config(TWO_ITERATIONS, "train.steps=5"), tmp_path)
+    with pytest.raises(UserInputError, match="multiple of train.gradient_accumulation_steps"):
+        build_run(_config(TWO_ITERATIONS, "train.steps=4", "train.gradient_accumulation_steps=4"), tmp_path)
     with pytest.raises(UserInputError, match="spin.dataset is not set"):
         build_run(fast_config("trainer=spin", "train.steps=10"), tmp_path)
 
