@@ -96,6 +96,13 @@ class Optimization:
         return self.lr_scheduler.get_last_lr()[0]
 
 
+def reward_metrics(rewards: Tensor, components: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """reward_mean, reward_std and each mixed reward's reward/<name> mean, still on the device."""
+    rewards = rewards.float()
+    return {"reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
+            **{f"reward/{name}": value.float().mean() for name, value in (components or {}).items()}}
+
+
 def metrics_to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
     """Read a step's metrics off the device in one transfer (one host-device sync per step, not one per metric)."""
     device = next((value.device for value in metrics.values() if torch.is_tensor(value)), torch.device("cpu"))

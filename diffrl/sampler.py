@@ -151,8 +151,8 @@ class SDSampler:
             self.stds = None
         # Which steps draw noise (consuming the generator as diffusers does) and which have a density.
         self.stochastic_steps = [] if self.stds is None else [i for i, s in enumerate(self.stds.tolist()) if s > 0]
-        self._draws_noise = [self.scheduler_name == "euler_ancestral" or i in self.stochastic_steps
-                             for i in range(self.num_steps)]
+        self._stochastic = [i in self.stochastic_steps for i in range(self.num_steps)]
+        self._draws_noise = [self.scheduler_name == "euler_ancestral" or s for s in self._stochastic]
 
     def _set_ddim_schedule(self, device) -> None:
         # diffusers' DDIM rule for the next timestep, kept so that eta = 0 matches the pipeline exactly.
@@ -257,7 +257,7 @@ class SDSampler:
         """The transition from step index i (an int, or a [B] tensor of per-sample indices).
 
         ``add_noise=False`` returns the mean as the next latent without drawing noise (Adjoint Matching's drift)."""
-        self.require_transitions("this")
+        self.require_transitions("SDSampler.step")
         if torch.is_tensor(i):
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
@@ -313,7 +313,7 @@ class SDSampler:
             all_latents.append(latents.detach())
             if self.stochastic_steps:   # a deterministic step has no density: 0, nothing to a likelihood ratio
                 log_probs.append(gaussian_log_prob(latents.detach(), step.mean.detach(), step.std)
-                                 if i in self.stochastic_steps else latents.new_zeros(len(prompts), dtype=torch.float32))
+                                 if self._stochastic[i] else latents.new_zeros(len(prompts), dtype=torch.float32))
             if i >= first_grad_step:
                 noise_preds.append(step.noise_pred)
         with torch.enable_grad() if grad_last_k else torch.no_grad():

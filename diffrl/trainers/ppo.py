@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from diffrl.errors import UserInputError
+from diffrl.optimization import reward_metrics
 from diffrl.policy_gradient import ppo_clipped_loss
 from rewards import Reward, score
 
@@ -122,6 +123,4 @@ def train_on_rollout(traj: Trajectory, advantages: Tensor, *, sampler: SDSampler
 
 
 def rollout_metrics(rewards: Tensor, components: dict[str, Tensor], advantages: Tensor) -> dict[str, Tensor]:
-    return {"reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
-            "advantage_abs_mean": advantages.abs().mean(),
-            **{f"reward/{name}": value.float().mean() for name, value in components.items()}}
+    return {**reward_metrics(rewards, components), "advantage_abs_mean": advantages.abs().mean()}

@@ -26,6 +26,7 @@ sample of the batch's prompts each step, which costs only the student's 1-4 UNet
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats
+from diffrl.optimization import metrics_to_floats, reward_metrics
 from diffrl.preference import pso_online_loss
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
                                    load_pair_dataset, record_batch, record_seed)
@@ -100,7 +101,7 @@ class PsoTrainer:
             rewards = rewards.float()
         rewards_a, rewards_b = rewards[:n], rewards[n:]
         losses, accuracies, clipped, grad_norm = [], [], [], None
-        low, high = (torch.tensor(self.config.ratio_clamp).log()).tolist()
+        low, high = (math.log(bound) for bound in self.config.ratio_clamp)
         for s in sampler.stochastic_steps:                                                          # step 3
             args = (traj.latents[:, s], traj.latents[:, s + 1], s, traj.prompt_embeds, traj.negative_prompt_embeds)
             with self.optimization.accumulate():
@@ -117,9 +118,7 @@ class PsoTrainer:
             clipped.append(((log_ratios.detach() < low) | (log_ratios.detach() > high)).float().mean())
         metrics = {"loss": torch.stack(losses).mean(), "preference_accuracy": torch.stack(accuracies).mean(),
                    "ratio_clipped_fraction": torch.stack(clipped).mean(),
-                   "tied_pairs": (rewards_a == rewards_b).float().mean(),
-                   "reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
-                   **{f"reward/{name}": value.float().mean() for name, value in components.items()}}
+                   "tied_pairs": (rewards_a == rewards_b).float().mean(), **reward_metrics(rewards, components)}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         return metrics
@@ -137,8 +136,7 @@ class PsoTrainer:
                              generator=self.generator)                                              # step 2
         with torch.no_grad():
             rewards, components = score(self.reward, sampler.sample(prompts).images, prompts)
-        return {**metrics, "reward_mean": rewards.float().mean(), "reward_std": rewards.float().std(correction=0),
-                **{f"reward/{name}": value.float().mean() for name, value in components.items()}}
+        return {**metrics, **reward_metrics(rewards, components)}
 
     def _initial_student_latents(self) -> Tensor:
         """One image per record from the initial student (adapters off, so a resumed run makes the same ones)."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats
+from diffrl.optimization import metrics_to_floats, reward_metrics
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
                                    load_pair_dataset, lora_values, record_batch, record_seed,
                                    records_of_steps, score_latents)
@@ -115,9 +115,7 @@ class SpinTrainer:
                              shared_noise=self.config.shared_noise, generator=self.generator,
                              reference=lambda: lora_values(self.optimization.params, self.frozen))      # step 3
         self.steps_done += 1
-        rewards = self.opponent_rewards
-        return metrics_to_floats({**metrics, "iteration": k + 1, "reward_mean": rewards.mean(),
-                                  "reward_std": rewards.std(correction=0)})
+        return metrics_to_floats({**metrics, "iteration": k + 1, **reward_metrics(self.opponent_rewards)})
 
     def _begin_iteration(self, k: int) -> None:
         """θ_{k-1} := the current weights, frozen; this iteration's learning rate; a fresh optimiser state."""
