@@ -11,7 +11,7 @@ import torch
 from diffrl.errors import UserInputError, unknown_name
 
 if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading a model needs them
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -76,6 +76,65 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return build_random_sd1_pipeline(SD15_ARCHITECTURE, seed)
 
 
+# SDXL: two text encoders whose penultimate hidden states are concatenated (cross_attention_dim = their sum), the second
+# one's projection as the pooled embedding, and micro-conditioning time ids (addition_embed_type="text_time"):
+# projection_class_embeddings_input_dim = text_encoder_2 projection + 6 time ids x addition_time_embed_dim.
+TINY_SDXL_ARCHITECTURE = {  # 32 px images, 16x16x4 latents, the SDXL code paths at toy size
+    "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=32, hidden_act="gelu"),
+    "text_encoder_2": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           projection_dim=32, hidden_act="gelu"),
+    "unet": dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8),
+    "vae": dict(sample_size=32, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                scaling_factor=0.13025, force_upcast=True),
+}
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler config (an Euler scheduler; the DDIM keys are its own too).
+SDXL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="leading",
+    steps_offset=1, clip_sample=False, sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True)
+
+
+def build_random_sdxl_pipeline(architecture: dict, seed: int = 0) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline of the given architecture with seeded random weights and SDXL's scheduler config.
+
+    Built in float32 without downloads and without touching the global RNG; no watermarker; its images mean nothing.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffrl.tiny_tokenizer import build_tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+
+        def text_config(settings: dict) -> CLIPTextConfig:
+            return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, **settings)
+
+        text_encoder = CLIPTextModel(text_config(architecture["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(architecture["text_encoder_2"]))
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **architecture["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **architecture["vae"])
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL's architecture at toy size (two text encoders, text_time conditioning; 32 px), random weights."""
+    return build_random_sdxl_pipeline(TINY_SDXL_ARCHITECTURE, seed)
+
+
 # The ShapesWorld model the project trains itself; a folder in the checkout, not in the wheel.
 SHAPES_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "models" / "shapes"
 SHAPES_BUILD_COMMAND = "python3 scripts/pretrain_shapesworld.py"
@@ -95,6 +154,9 @@ BUILTIN_MODELS = {
                                      f"shapes; built by {SHAPES_BUILD_COMMAND})"),
     "sd15-random": (build_sd15_random_pipeline,
                     "SD 1.5 architecture with random weights (benchmarks; ~1.0 B params, no download)"),
+    "tiny-sdxl": (build_tiny_sdxl_pipeline,
+                  "SDXL architecture at toy size with random weights (two text encoders, pooled + time-id "
+                  "conditioning; 32 px, for tests and demos)"),
 }
 
 
