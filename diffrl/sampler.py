@@ -1,11 +1,15 @@
-"""The Sampler protocol and SDSampler: DDIM and few-step samplers over a diffusers Stable Diffusion pipeline,
-exposing the trajectory.
+"""The Sampler protocol and SDSampler: DDIM and few-step samplers over a diffusers Stable Diffusion (1.x, 2.x, XL)
+pipeline, exposing the trajectory.
 
 SDSampler runs its own denoising loop over the pipeline's components (no copied pipeline ``__call__``) so that it can
 record every latent and per-step log-probability, build the autograd graph through only the last K steps, and recompute
 any step under the current weights. With the same initial latents and generator its images equal the pipeline's with
 the same scheduler (DDIMScheduler at any eta, EulerAncestralDiscreteScheduler, LCMScheduler), because every step is
 computed as diffusers computes it and the random draws come in the same order.
+
+SDXL's extra conditioning (pooled text embedding, micro-conditioning time ids) travels in a TextConditioning next to
+the text embeddings, through batched classifier-free guidance and every recomputed step, so trainers are the same code
+for both families.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -24,13 +28,15 @@ from diffrl.errors import UserInputError, unknown_name
 from diffrl.few_step import (euler_ancestral_transition, lcm_boundary_scalings, lcm_step_tables,
                              lcm_transition)
 from diffrl.gaussian import ddim_mean, ddim_std, gaussian_log_prob, x0_eps_from_model_output
-from diffrl.trajectory import Trajectory
+from diffrl.trajectory import TextConditioning, Trajectory
+
+Conditioning = Tensor | TextConditioning  # a bare [B, L, D] tensor is enough for SD 1.x/2.x
 
 
 class Sampler(Protocol):
     def sample(self, prompts: list[str], *, grad_last_k: int = 0, generator=None) -> Trajectory: ...
     def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor: ...
-    def predict_noise(self, latents: Tensor, t: Tensor, prompt_embeds: Tensor, *, reference: bool = False
+    def predict_noise(self, latents: Tensor, t: Tensor, prompt_embeds: Conditioning, *, reference: bool = False
                       ) -> Tensor: ...
     def decode(self, latents: Tensor) -> Tensor: ...
 
@@ -82,22 +88,30 @@ def scheduler_class(name: str) -> type:
 
 
 class SDSampler:
-    """Batched classifier-free guidance over SD 1.x/2.x pipelines with DDIM (η in [0, 1]), the few-step samplers
-    Euler ancestral and LCM, or any diffusers scheduler for plain sampling.
+    """Batched classifier-free guidance over SD 1.x/2.x and SDXL pipelines with DDIM (η in [0, 1]), the few-step
+    samplers Euler ancestral and LCM, or any diffusers scheduler for plain sampling.
 
     The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private scheduler of
     the kind ``scheduler`` names, so the pipeline itself is not modified; ``schedule`` names a preset of SCHEDULES
     applied on top. Whatever adapters the UNet carries are used; ``reference=True`` disables them to give the base
     model. Latents are the scheduler's own: σ-scaled (x0 + σε) for Euler ancestral, √ᾱ-scaled otherwise.
+    ``timesteps`` replaces the spaced grid with explicit values (LCM only; DMD2's 4-step [999, 749, 499, 249]).
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, num_steps: int = 50, guidance_scale: float = 7.5,
+    def __init__(self, pipe: DiffusionPipeline, num_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 1.0, resolution: int | None = None, *, negative_prompt: str = "",
-                 gradient_checkpointing: bool = True, schedule: str = "model", scheduler: str = "ddim"):
+                 gradient_checkpointing: bool = True, schedule: str = "model", scheduler: str = "ddim",
+                 timesteps: list[int] | None = None):
         if not 0.0 <= eta <= 1.0:
             raise UserInputError(f"eta must be in [0, 1], got {eta}")
+        if timesteps is not None:
+            if scheduler != "lcm":
+                raise UserInputError(f"explicit sample.timesteps need sample.scheduler=lcm (as DMD2 samples); "
+                                     f"{scheduler} takes only sample.num_steps")
+            num_steps = len(timesteps)
         if num_steps < 1:
             raise UserInputError(f"num_steps must be at least 1, got {num_steps}")
+        self.custom_timesteps = None if timesteps is None else list(timesteps)
         self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
         self.denoiser = pipe.unet  # what forward calls go through; the training loop may swap in a DDP wrapper
         self.num_steps, self.guidance_scale, self.eta = num_steps, guidance_scale, eta
@@ -124,6 +138,8 @@ class SDSampler:
         self.resolution = resolution or self.unet.config.sample_size * pipe.vae_scale_factor
         if self.resolution % pipe.vae_scale_factor:
             raise UserInputError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
+        # SDXL's UNet adds the pooled text embedding and the size/crop time ids to its timestep embedding.
+        self.is_sdxl = self.unet.config.addition_embed_type == "text_time"
         self._set_schedule()
 
     @property
@@ -136,9 +152,15 @@ class SDSampler:
             raise UserInputError(f"{method} needs single denoising steps recomputed, which sample.scheduler="
                                  f"{self.scheduler_name} does not expose; use one of {', '.join(SCHEDULERS)}")
 
+    def _reset_scheduler(self, device) -> None:
+        if self.custom_timesteps is None:
+            self.scheduler.set_timesteps(self.num_steps, device=device)
+        else:
+            self.scheduler.set_timesteps(device=device, timesteps=self.custom_timesteps)
+
     def _set_schedule(self) -> None:
         device = self.unet.device
-        self.scheduler.set_timesteps(self.num_steps, device=device)
+        self._reset_scheduler(device)
         self.timesteps = self.scheduler.timesteps                       # [T], the pipeline's own values and dtype
         self.input_divisors = None    # the UNet sees latents / input_divisors[i] (Euler's σ-space latents)
         if self.scheduler_name == "ddim":
@@ -189,31 +211,55 @@ class SDSampler:
 
     # -- conditioning ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
-        """Conditional and (with CFG) unconditional text embeddings, [B, L, D] each."""
-        cond, uncond = self.pipe.encode_prompt(
-            list(prompts), self.device, 1, self.do_cfg, negative_prompt=[self.negative_prompt] * len(prompts))
-        return cond, (uncond if self.do_cfg else None)
+    def encode_prompts(self, prompts: list[str]) -> tuple[TextConditioning, TextConditioning | None]:
+        """Conditional and (with CFG) unconditional conditioning of a batch, as the pipeline builds it.
+
+        An empty negative prompt is passed as None, which SDXL (force_zeros_for_empty_prompt) turns into zero
+        embeddings as its pipeline does by default, and SD 1.x into the embedding of "".
+        """
+        negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
+        encoded = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=self.do_cfg, negative_prompt=negative)
+        if not self.is_sdxl:
+            cond, uncond = TextConditioning(encoded[0]), TextConditioning(encoded[1]) if self.do_cfg else None
+            return cond, uncond
+        embeds, negative_embeds, pooled, negative_pooled = encoded
+        # (original size, crop top-left, target size): the pipeline's defaults for a square image at this resolution
+        time_ids = embeds.new_tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
+        time_ids = time_ids.repeat(len(prompts), 1)
+        cond = TextConditioning(embeds, pooled, time_ids)
+        return cond, TextConditioning(negative_embeds, negative_pooled, time_ids) if self.do_cfg else None
+
+    def as_conditioning(self, prompt_embeds: Conditioning | None) -> TextConditioning | None:
+        """A TextConditioning from a bare tensor of text embeddings (SD 1.x/2.x), or as given."""
+        if prompt_embeds is None or isinstance(prompt_embeds, TextConditioning):
+            conditioning = prompt_embeds
+        else:
+            conditioning = TextConditioning(prompt_embeds)
+        if conditioning is not None and self.is_sdxl and conditioning.pooled_prompt_embeds is None:
+            raise ValueError("an SDXL UNet needs the pooled text embeddings and time ids with the text embeddings: "
+                             "pass traj.conditioning / traj.negative_conditioning or sampler.encode_prompts(...)")
+        return conditioning
 
     # -- one UNet evaluation --------------------------------------------------------------------------------------
-    def _guided_output(self, latents: Tensor, t: Tensor, prompt_embeds: Tensor, negative_prompt_embeds: Tensor | None,
-                       guidance_scale: float, reference: bool = False) -> Tensor:
+    def _guided_output(self, latents: Tensor, t: Tensor, conditioning: TextConditioning,
+                       negative_conditioning: TextConditioning | None, guidance_scale: float, reference: bool = False
+                       ) -> Tensor:
         """The model output (ε or v) with classifier-free guidance as ONE batched UNet call."""
         # The base model trains nothing, so it bypasses a DDP wrapper: a forward through DDP with grad enabled (Adjoint
         # Matching's vector-Jacobian products) would wait for gradient reduction that never comes.
         denoiser = self.unet if reference else self.denoiser
-        if negative_prompt_embeds is None or guidance_scale <= 1.0:
-            return denoiser(latents, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        if negative_conditioning is None or guidance_scale <= 1.0:
+            return denoiser(latents, t, **conditioning.unet_kwargs(), return_dict=False)[0]
         t_both = torch.cat([t, t]) if t.ndim == 1 else t
-        output = denoiser(torch.cat([latents, latents]), t_both,
-                               encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
-                               return_dict=False)[0]
+        both = TextConditioning.cat([negative_conditioning, conditioning])  # unconditional half first, as diffusers
+        output = denoiser(torch.cat([latents, latents]), t_both, **both.unet_kwargs(), return_dict=False)[0]
         uncond, cond = output.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    def _model_output(self, latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale, reference=False
+    def _model_output(self, latents, t, conditioning, negative_conditioning, guidance_scale, reference=False
                       ) -> Tensor:
-        args = (latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale, reference)
+        args = (latents, t, conditioning, negative_conditioning, guidance_scale, reference)
         # Recompute the UNet's activations in backward: memory per differentiable step is one latent. Not for the base
         # model: its backward (Adjoint Matching's VJP) follows at once and runs after the adapters are back on.
         if self.gradient_checkpointing and torch.is_grad_enabled() and not reference:
@@ -236,23 +282,26 @@ class SDSampler:
         """A context in which every UNet call (sampling included) runs the base model, its LoRA adapters off."""
         return self._adapters(enabled=False)
 
-    def predict_noise(self, latents: Tensor, t: Tensor | int, prompt_embeds: Tensor, *,
-                      negative_prompt_embeds: Tensor | None = None, guidance_scale: float | None = None,
+    def predict_noise(self, latents: Tensor, t: Tensor | int, prompt_embeds: Conditioning, *,
+                      negative_prompt_embeds: Conditioning | None = None, guidance_scale: float | None = None,
                       reference: bool = False) -> Tensor:
         """ε̂(x_t, t) at timestep value(s) t (0-dim or [B]); with CFG when negative_prompt_embeds are given.
 
-        ``reference=True`` runs the base model (LoRA adapters disabled). v-prediction outputs are converted to ε.
+        The conditioning is a TextConditioning (``traj.conditioning``; required for SDXL) or, for SD 1.x/2.x, the
+        bare text embeddings. ``reference=True`` runs the base model (LoRA adapters disabled). v-prediction outputs
+        are converted to ε.
         """
         t = torch.as_tensor(t, device=latents.device)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
         with self._adapters(enabled=not reference):
-            output = self._model_output(latents, t, prompt_embeds, negative_prompt_embeds, scale, reference)
+            output = self._model_output(latents, t, conditioning, negative, scale, reference)
         alpha_t = _broadcast(self.scheduler.alphas_cumprod.to(latents.device)[t], latents)
         return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
 
     # -- one transition ------------------------------------------------------------------------------------------
-    def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
-             negative_prompt_embeds: Tensor | None = None, *, generator=None, reference: bool = False,
+    def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Conditioning,
+             negative_prompt_embeds: Conditioning | None = None, *, generator=None, reference: bool = False,
              add_noise: bool = True) -> DDIMStep:
         """The transition from step index i (an int, or a [B] tensor of per-sample indices).
 
@@ -262,9 +311,9 @@ class SDSampler:
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
         model_input = latents if self.input_divisors is None else latents / _broadcast(self.input_divisors[i], latents)
+        conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
         with self._adapters(enabled=not reference):
-            output = self._model_output(model_input, t, prompt_embeds, negative_prompt_embeds, self.guidance_scale,
-                                        reference)
+            output = self._model_output(model_input, t, conditioning, negative, self.guidance_scale, reference)
         mean, std, eps = self._transition(output, latents, i)
         draws = self._draws_noise[i] if isinstance(i, int) else bool(self.stochastic_steps)
         if not (add_noise and draws):
@@ -302,13 +351,13 @@ class SDSampler:
         """Sample a batch; the graph runs through the last ``grad_last_k`` UNet calls and the VAE decode only."""
         if not 0 <= grad_last_k <= self.num_steps:
             raise ValueError(f"grad_last_k must be in [0, {self.num_steps}], got {grad_last_k}")
-        prompt_embeds, negative_prompt_embeds = self.encode_prompts(prompts)
+        conditioning, negative = self.encode_prompts(prompts)
         latents = (self.initial_latents(len(prompts), generator) if initial_latents is None
                    else initial_latents.to(self.device, self.unet.dtype))
         steps = self._transitions if self.has_transitions else self._scheduler_steps
         first_grad_step = self.num_steps - grad_last_k
         all_latents, log_probs, noise_preds = [latents], [], []
-        for i, step in enumerate(steps(latents, first_grad_step, prompt_embeds, negative_prompt_embeds, generator)):
+        for i, step in enumerate(steps(latents, first_grad_step, conditioning, negative, generator)):
             latents = step.prev_latents
             all_latents.append(latents.detach())
             if self.stochastic_steps:   # a deterministic step has no density: 0, nothing to a likelihood ratio
@@ -318,29 +367,33 @@ class SDSampler:
                 noise_preds.append(step.noise_pred)
         with torch.enable_grad() if grad_last_k else torch.no_grad():
             images = self.decode(latents)
+        if negative is None:
+            negative = TextConditioning(prompt_embeds=None)  # every unconditional field None: no CFG
         return Trajectory(
-            prompts=list(prompts), prompt_embeds=prompt_embeds, latents=torch.stack(all_latents, dim=1),
+            prompts=list(prompts), prompt_embeds=conditioning.prompt_embeds, latents=torch.stack(all_latents, dim=1),
             timesteps=self.timesteps, log_probs=torch.stack(log_probs, dim=1) if log_probs else None, images=images,
-            negative_prompt_embeds=negative_prompt_embeds,
-            noise_preds=torch.stack(noise_preds, dim=1) if noise_preds else None)
+            negative_prompt_embeds=negative.prompt_embeds,
+            noise_preds=torch.stack(noise_preds, dim=1) if noise_preds else None,
+            pooled_prompt_embeds=conditioning.pooled_prompt_embeds, add_time_ids=conditioning.add_time_ids,
+            negative_pooled_prompt_embeds=negative.pooled_prompt_embeds, negative_add_time_ids=negative.add_time_ids)
 
-    def _transitions(self, latents, first_grad_step, prompt_embeds, negative_prompt_embeds, generator):
+    def _transitions(self, latents, first_grad_step, conditioning, negative_conditioning, generator):
         for i in range(self.num_steps):
             with torch.enable_grad() if i >= first_grad_step else torch.no_grad():
-                step = self.step(latents.detach() if i == first_grad_step else latents, i, prompt_embeds,
-                                 negative_prompt_embeds, generator=generator)
+                step = self.step(latents.detach() if i == first_grad_step else latents, i, conditioning,
+                                 negative_conditioning, generator=generator)
             latents = step.prev_latents
             yield step
 
-    def _scheduler_steps(self, latents, first_grad_step, prompt_embeds, negative_prompt_embeds, generator):
+    def _scheduler_steps(self, latents, first_grad_step, conditioning, negative_conditioning, generator):
         """Any diffusers scheduler through its own scale_model_input and step (stateful: reset for each batch)."""
-        self.scheduler.set_timesteps(self.num_steps, device=self.device)
+        self._reset_scheduler(self.device)
         for i, t in enumerate(self.scheduler.timesteps):
             with torch.enable_grad() if i >= first_grad_step else torch.no_grad():
                 if i == first_grad_step:
                     latents = latents.detach()
                 model_input = self.scheduler.scale_model_input(latents, t)
-                output = self._model_output(model_input, t, prompt_embeds, negative_prompt_embeds,
+                output = self._model_output(model_input, t, conditioning, negative_conditioning,
                                             self.guidance_scale)
                 latents = self.scheduler.step(output, t, latents, generator=generator, return_dict=False)[0]
             yield DDIMStep(latents, latents, latents.new_zeros(()), output)
@@ -348,11 +401,11 @@ class SDSampler:
     def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor:
         """[B] float32 log p(latents[:, i+1] | latents[:, i]) under the current weights, with grad."""
         rows = torch.arange(len(traj), device=traj.latents.device)
-        return self.transition_log_prob(traj.latents[rows, i], traj.latents[rows, i + 1], i, traj.prompt_embeds,
-                                        traj.negative_prompt_embeds)[0]
+        return self.transition_log_prob(traj.latents[rows, i], traj.latents[rows, i + 1], i, traj.conditioning,
+                                        traj.negative_conditioning)[0]
 
-    def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, prompt_embeds: Tensor,
-                            negative_prompt_embeds: Tensor | None = None, *, reference: bool = False
+    def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, prompt_embeds: Conditioning,
+                            negative_prompt_embeds: Conditioning | None = None, *, reference: bool = False
                             ) -> tuple[Tensor, DDIMStep]:
         """[B] float32 log p(next_latents | latents) of step index i (int or [B], each one of ``stochastic_steps``)
         under the current weights (``reference=True``: the base model, adapters off), with grad, and the step itself
@@ -365,8 +418,18 @@ class SDSampler:
         return gaussian_log_prob(next_latents, step.mean, step.std), step
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1], float32, differentiable (per-block checkpointed when building a graph)."""
-        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        """Latents -> images in [0, 1], float32, differentiable (per-block checkpointed when building a graph).
+
+        The latents are cast to the VAE's dtype: a float32 VAE under fp16 weights (SDXL's VAE overflows in fp16)."""
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean, std = (latents.new_tensor(values).view(1, -1, 1, 1)
+                         for values in (config.latents_mean, config.latents_std))
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        images = self.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

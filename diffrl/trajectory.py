@@ -1,10 +1,54 @@
-"""Trajectory: the data contract between the sampler, the rewards and the trainers."""
+"""Trajectory: the data contract between the sampler, the rewards and the trainers; TextConditioning: what the UNet
+is conditioned on besides the latents and the timestep."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+
+@dataclass
+class TextConditioning:
+    """The UNet's text conditioning of B samples, one half of classifier-free guidance.
+
+    SD 1.x/2.x condition on the text embeddings alone; SDXL adds its second text encoder's pooled embedding and the
+    micro-conditioning time ids (original size, crop corner, target size). Trainers select, repeat and concatenate
+    it like a batch and hand it back to the sampler, so no trainer needs to know which family it trains.
+    """
+
+    prompt_embeds: Tensor                       # [B, L, D] (SDXL: both encoders' hidden states concatenated)
+    pooled_prompt_embeds: Tensor | None = None  # [B, P] SDXL: text_encoder_2's projected pooled output
+    add_time_ids: Tensor | None = None          # [B, 6] SDXL: (original h, w, crop top, left, target h, w)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map(self, fn) -> TextConditioning:
+        return TextConditioning(*(None if x is None else fn(x) for x in
+                                  (self.prompt_embeds, self.pooled_prompt_embeds, self.add_time_ids)))
+
+    def __getitem__(self, rows) -> TextConditioning:
+        return self._map(lambda x: x[rows])
+
+    def repeat(self, n: int) -> TextConditioning:
+        """n copies of the batch one after another, like ``torch.cat([self] * n)``."""
+        return self._map(lambda x: x.repeat(n, *([1] * (x.ndim - 1))))
+
+    @staticmethod
+    def cat(parts: list[TextConditioning]) -> TextConditioning:
+        first = parts[0]
+        return TextConditioning(*(None if getattr(first, name) is None else
+                                  torch.cat([getattr(part, name) for part in parts])
+                                  for name in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")))
+
+    def unet_kwargs(self) -> dict:
+        """The keyword arguments of ``UNet2DConditionModel.forward`` that carry this conditioning."""
+        if self.pooled_prompt_embeds is None:
+            return {"encoder_hidden_states": self.prompt_embeds}
+        return {"encoder_hidden_states": self.prompt_embeds,
+                "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.add_time_ids}}
 
 
 @dataclass
@@ -14,7 +58,8 @@ class Trajectory:
     ``latents[:, i]`` is the input of step i and ``latents[:, i + 1]`` its output, so ``latents[:, -1]`` is the final
     latent. ``log_probs[:, i]`` is log p(latents[:, i+1] | latents[:, i]) under the weights that sampled it, in
     float32, averaged over latent elements (the DDPO/DPOK convention that puts PPO clip ranges of ~1e-4 on the right
-    scale); it is None for a deterministic sampler (eta = 0).
+    scale); it is None for a deterministic sampler (eta = 0). ``conditioning`` and ``negative_conditioning`` give
+    the sampler back everything it needs to recompute a step (for SDXL the pooled embeddings and time ids too).
     """
 
     prompts: list[str]
@@ -25,6 +70,10 @@ class Trajectory:
     images: Tensor                      # [B, 3, H, W] in [0, 1]; carries grad iff sampled with grad_last_k > 0
     negative_prompt_embeds: Tensor | None = None  # [B, L, D] unconditional embeddings; None without CFG
     noise_preds: Tensor | None = None   # [B, K, C, h, w] guided ε of the last K (differentiable) steps, with grad
+    pooled_prompt_embeds: Tensor | None = None           # [B, P] SDXL only (diffusers' names)
+    negative_pooled_prompt_embeds: Tensor | None = None  # [B, P] SDXL with CFG
+    add_time_ids: Tensor | None = None                   # [B, 6] SDXL only
+    negative_add_time_ids: Tensor | None = None          # [B, 6] SDXL with CFG
 
     @property
     def num_steps(self) -> int:
@@ -32,3 +81,14 @@ class Trajectory:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def conditioning(self) -> TextConditioning:
+        return TextConditioning(self.prompt_embeds, self.pooled_prompt_embeds, self.add_time_ids)
+
+    @property
+    def negative_conditioning(self) -> TextConditioning | None:
+        if self.negative_prompt_embeds is None:
+            return None
+        return TextConditioning(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds,
+                                self.negative_add_time_ids)

@@ -78,13 +78,13 @@ class AdjointMatchingTrainer:
         sampler, config = self.sampler, self.config
         with torch.no_grad():
             traj = sampler.sample(prompts)                                                     # 1
-        negative = traj.negative_prompt_embeds if self.guided else None
+        negative = traj.negative_conditioning if self.guided else None
         terminal, rewards, components = terminal_adjoint(sampler, self.reward, traj.latents[:, -1], prompts,
                                                          config.reward_multiplier)             # 2
         steps = loss_steps(sampler.num_steps, config.num_loss_timesteps, config.early_fraction, self.generator)
 
         def base_mean(latents: Tensor, i: int) -> Tensor:
-            return sampler.step(latents, i, traj.prompt_embeds, negative, reference=True, add_noise=False).mean
+            return sampler.step(latents, i, traj.conditioning, negative, reference=True, add_noise=False).mean
 
         adjoints = lean_adjoint(base_mean, traj.latents, terminal, steps)                       # 3
         with self.optimization.accumulate():
@@ -112,12 +112,12 @@ class AdjointMatchingTrainer:
         index = torch.tensor(steps, device=traj.latents.device)
         latents = traj.latents[:, index].transpose(0, 1).flatten(0, 1)          # step-major [K·B, C, h, w]
         step_of_row = index.repeat_interleave(batch)
-        embeds = traj.prompt_embeds.repeat(k, 1, 1)
-        negative = traj.negative_prompt_embeds.repeat(k, 1, 1) if self.guided else None
+        embeds = traj.conditioning.repeat(k)
+        negative = traj.negative_conditioning.repeat(k) if self.guided else None
         if self.config.prompt_dropout and torch.rand((), generator=self.generator) < self.config.prompt_dropout:
             # Both models see the empty prompt, so the unconditional branch that CFG sampling uses is trained too;
             # the target stays the conditional adjoint (as in the official code).
-            embeds = sampler.encode_prompts([""] * batch)[0].repeat(k, 1, 1)
+            embeds = sampler.encode_prompts([""] * batch)[0].repeat(k)
         with torch.no_grad():
             base = sampler.step(latents, step_of_row, embeds, negative, reference=True, add_noise=False).mean
         step = sampler.step(latents, step_of_row, embeds, negative, add_noise=False)

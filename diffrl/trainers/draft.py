@@ -116,8 +116,8 @@ class DraftTrainer:
         noise = torch.randn(x0.shape, generator=self.generator).to(x0)
         alpha = self.sampler.alphas[last]
         noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-        negative = None if traj.negative_prompt_embeds is None else traj.negative_prompt_embeds.repeat(n, 1, 1)
-        step = self.sampler.step(noisy, last, traj.prompt_embeds.repeat(n, 1, 1), negative)
+        negative = None if traj.negative_conditioning is None else traj.negative_conditioning.repeat(n)
+        step = self.sampler.step(noisy, last, traj.conditioning.repeat(n), negative)
         copies = list(prompts) * n
         rewards, components = score(self.reward, self.sampler.decode(step.prev_latents), copies)
         return -rewards.mean() * n, rewards, components   # −Σ_n mean_b r: the mean over n·B copies, times n
@@ -127,8 +127,8 @@ class DraftTrainer:
         first = self.sampler.num_steps - k
         with torch.no_grad():
             reference = torch.stack([
-                self.sampler.predict_noise(traj.latents[:, i], traj.timesteps[i], traj.prompt_embeds,
-                                           negative_prompt_embeds=traj.negative_prompt_embeds, reference=True)
+                self.sampler.predict_noise(traj.latents[:, i], traj.timesteps[i], traj.conditioning,
+                                           negative_prompt_embeds=traj.negative_conditioning, reference=True)
                 for i in range(first, self.sampler.num_steps)], dim=1)
         return epsilon_kl(traj.noise_preds, reference)
 

@@ -169,8 +169,7 @@ def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, 
     t = torch.cat([timesteps, timesteps]).to(device)
     alpha = sampler.scheduler.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1).to(dtype)
     noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
-    conditional = sampler.encode_prompts(list(prompts))[0]
-    embeds = torch.cat([conditional, conditional])
+    embeds = sampler.encode_prompts(list(prompts))[0].repeat(2)
     with torch.no_grad(), (reference() if reference else contextlib.nullcontext()):
         reference_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds,
                                                                          reference=reference is None))

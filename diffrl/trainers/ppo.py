@@ -93,7 +93,7 @@ def train_on_rollout(traj: Trajectory, advantages: Tensor, *, sampler: SDSampler
     slots, batch = trained_slots(config, num_steps), config.train_batch_size or n
     if config.adv_clip_max is not None:
         advantages = advantages.clamp(-config.adv_clip_max, config.adv_clip_max)
-    negative = traj.negative_prompt_embeds
+    conditioning, negative = traj.conditioning, traj.negative_conditioning
     losses, approx_kls, clip_fractions, grad_norms = [], [], [], []
     for _ in range(config.inner_epochs):
         order = torch.randperm(n, generator=generator)
@@ -106,7 +106,7 @@ def train_on_rollout(traj: Trajectory, advantages: Tensor, *, sampler: SDSampler
                 with optimization.accumulate():
                     log_probs, _ = sampler.transition_log_prob(
                         traj.latents[rows_on_device, i], traj.latents[rows_on_device, i + 1], i,
-                        traj.prompt_embeds[rows_on_device], None if negative is None else negative[rows_on_device])
+                        conditioning[rows_on_device], None if negative is None else negative[rows_on_device])
                     loss, stats = ppo_clipped_loss(log_probs, traj.log_probs[rows_on_device, i],
                                                    advantages[rows_on_device], config.clip_range)
                     grad_norm = optimization.step(loss)

@@ -103,7 +103,7 @@ class PsoTrainer:
         losses, accuracies, clipped, grad_norm = [], [], [], None
         low, high = (math.log(bound) for bound in self.config.ratio_clamp)
         for s in sampler.stochastic_steps:                                                          # step 3
-            args = (traj.latents[:, s], traj.latents[:, s + 1], s, traj.prompt_embeds, traj.negative_prompt_embeds)
+            args = (traj.latents[:, s], traj.latents[:, s + 1], s, traj.conditioning, traj.negative_conditioning)
             with self.optimization.accumulate():
                 with torch.no_grad():
                     reference = sampler.transition_log_prob(*args, reference=True)[0]

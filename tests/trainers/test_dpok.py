@@ -84,7 +84,8 @@ def test_kl_term_gradient_is_that_of_the_squared_cfg_noise_difference(tmp_path):
 
     buffer, sampler, unet = run.trainer.buffer, run.sampler, run.pipe.unet
     x, t = buffer.states[rows], sampler.timesteps[buffer.steps[rows]]
-    cond, uncond = sampler.encode_prompts([buffer.prompts[row] for row in rows.tolist()])
+    halves = sampler.encode_prompts([buffer.prompts[row] for row in rows.tolist()])
+    cond, uncond = (half.prompt_embeds for half in halves)
     scale = run.config.sample.guidance_scale
 
     def guided_noise():

@@ -1,0 +1,139 @@
+"""SDXL in the sampler: the built-in tiny-sdxl against diffusers' own StableDiffusionXLPipeline (DDIM at eta = 0,
+SDXL-Turbo's Euler ancestral, LCM with DMD2's explicit timesteps), the pooled embeddings and time ids of each CFG
+half, and per-step log-probs against the Gaussian density written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
+from torch.distributions import Normal
+
+from diffrl.errors import UserInputError
+from diffrl.models import build_tiny_sdxl_pipeline
+from diffrl.sampler import SDSampler
+from diffrl.trajectory import TextConditioning
+from tests.conftest import PROMPTS
+
+
+@pytest.fixture
+def sdxl_pipe():
+    return build_tiny_sdxl_pipeline()
+
+
+def _pipeline_images(pipe, scheduler, latents, **call):
+    original, pipe.scheduler = pipe.scheduler, scheduler
+    try:
+        return pipe(PROMPTS, latents=latents / scheduler.init_noise_sigma, output_type="pt", **call).images
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize("negative_prompt", ["", "blurry, low quality"])
+def test_eta0_reproduces_the_sdxl_pipeline_with_ddim(sdxl_pipe, negative_prompt):
+    """An empty negative prompt is SDXL's zeroed unconditional embedding (force_zeros_for_empty_prompt); a text one
+    is encoded by both text encoders. Either way the images equal the pipeline's."""
+    sampler = SDSampler(sdxl_pipe, num_steps=5, guidance_scale=5.0, eta=0.0, negative_prompt=negative_prompt)
+    latents = sampler.initial_latents(2, torch.Generator().manual_seed(1))
+    traj = sampler.sample(PROMPTS, initial_latents=latents)
+    expected = _pipeline_images(sdxl_pipe, DDIMScheduler.from_config(sdxl_pipe.scheduler.config), latents,
+                                num_inference_steps=5, guidance_scale=5.0, eta=0.0,
+                                negative_prompt=[negative_prompt] * 2 if negative_prompt else None)
+    torch.testing.assert_close(traj.images, expected, rtol=0, atol=1e-6)
+    assert traj.pooled_prompt_embeds.shape == (2, 32) and traj.add_time_ids.shape == (2, 6)
+    assert traj.log_probs is None
+    assert (traj.negative_pooled_prompt_embeds == 0).all() == (negative_prompt == "")
+
+
+def test_each_cfg_half_gets_its_own_pooled_embedding_and_time_ids(sdxl_pipe):
+    """The UNet's batch is [unconditional; conditional]; the pooled embedding of each half must follow it. Handing
+    the unconditional half the conditional pooled embedding changes the guided output, so the pipeline-equality
+    test above would catch it too."""
+    sampler = SDSampler(sdxl_pipe, num_steps=3, guidance_scale=5.0, eta=1.0, negative_prompt="blurry")
+    cond, uncond = sampler.encode_prompts(PROMPTS)
+    seen = []
+    handle = sdxl_pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs),
+                                                      with_kwargs=True)
+    latents = sampler.initial_latents(2, torch.Generator().manual_seed(0))
+    try:
+        sampler.predict_noise(latents, sampler.timesteps[0], cond, negative_prompt_embeds=uncond)
+    finally:
+        handle.remove()
+    added = seen[0]["added_cond_kwargs"]
+    torch.testing.assert_close(added["text_embeds"], torch.cat([uncond.pooled_prompt_embeds,
+                                                               cond.pooled_prompt_embeds]))
+    torch.testing.assert_close(seen[0]["encoder_hidden_states"], torch.cat([uncond.prompt_embeds,
+                                                                            cond.prompt_embeds]))
+    assert added["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 4   # (size, crop, target size)
+    assert not torch.allclose(uncond.pooled_prompt_embeds, cond.pooled_prompt_embeds)
+
+    wrong = TextConditioning(uncond.prompt_embeds, cond.pooled_prompt_embeds, uncond.add_time_ids)
+    right_eps = sampler.predict_noise(latents, sampler.timesteps[0], cond, negative_prompt_embeds=uncond)
+    wrong_eps = sampler.predict_noise(latents, sampler.timesteps[0], cond, negative_prompt_embeds=wrong)
+    assert (right_eps - wrong_eps).abs().max() > 1e-3
+
+
+def test_log_probs_equal_the_gaussian_density_written_out(sdxl_pipe):
+    """DDIM at eta = 0.8 with CFG: each step's log-prob is N(μ, σ²) with μ from an UNet call built here from the
+    pipeline's own encode_prompt output, and the recomputed log_prob equals the recorded one."""
+    eta, scale = 0.8, 3.0
+    sampler = SDSampler(sdxl_pipe, num_steps=4, guidance_scale=scale, eta=eta)
+    traj = sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
+    embeds, negative, pooled, negative_pooled = sdxl_pipe.encode_prompt(PROMPTS, device="cpu",
+                                                                        do_classifier_free_guidance=True)
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(2, 1)
+    alphas = sampler.scheduler.alphas_cumprod
+    for i, t in enumerate(traj.timesteps.tolist()):
+        x = traj.latents[:, i]
+        with torch.no_grad():
+            def eps_of(e, p):
+                return sdxl_pipe.unet(x, t, encoder_hidden_states=e,
+                                      added_cond_kwargs={"text_embeds": p, "time_ids": time_ids}).sample
+            eps_uncond, eps_cond = eps_of(negative, negative_pooled), eps_of(embeds, pooled)
+        eps = eps_uncond + scale * (eps_cond - eps_uncond)
+        a_t = alphas[t]
+        a_prev = alphas[t - 1000 // 4] if t - 1000 // 4 >= 0 else sampler.scheduler.final_alpha_cumprod
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+        expected = Normal(mean, sigma).log_prob(traj.latents[:, i + 1]).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(traj.log_probs[:, i], expected, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(sampler.log_prob(traj, i), traj.log_probs[:, i], rtol=1e-5, atol=1e-5)
+
+
+# SDXL-Turbo: Euler ancestral on trailing timesteps without CFG; DMD2: LCM steps at explicit timesteps.
+FEW_STEP = {
+    "sdxl_turbo": (dict(scheduler="euler_ancestral", schedule="trailing", num_steps=4, guidance_scale=0.0),
+                   EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"},
+                   dict(num_inference_steps=4, guidance_scale=0.0)),
+    "dmd2": (dict(scheduler="lcm", timesteps=[999, 749, 499, 249], guidance_scale=0.0), LCMScheduler, {},
+             dict(timesteps=[999, 749, 499, 249], guidance_scale=0.0)),
+}
+
+
+@pytest.mark.parametrize("student", list(FEW_STEP))
+def test_few_step_students_reproduce_the_sdxl_pipeline(sdxl_pipe, student):
+    settings, scheduler_cls, scheduler_config, call = FEW_STEP[student]
+    sampler = SDSampler(sdxl_pipe, **settings)
+    latents = sampler.initial_latents(2, torch.Generator().manual_seed(1))
+    traj = sampler.sample(PROMPTS, initial_latents=latents, generator=torch.Generator().manual_seed(2))
+    scheduler = scheduler_cls.from_config(sdxl_pipe.scheduler.config, **scheduler_config)
+    expected = _pipeline_images(sdxl_pipe, scheduler, latents, generator=torch.Generator().manual_seed(2), **call)
+    torch.testing.assert_close(traj.images, expected, rtol=0, atol=1e-6)
+    assert sampler.stochastic_steps == [0, 1, 2] and traj.log_probs.shape == (2, 4)
+    assert traj.log_probs[:, 3].eq(0).all() and traj.log_probs[:, :3].ne(0).all()
+    if student == "dmd2":
+        assert traj.timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_sdxl_refuses_bare_text_embeddings(sdxl_pipe):
+    sampler = SDSampler(sdxl_pipe, num_steps=2, guidance_scale=0.0)
+    traj = sampler.sample(PROMPTS[:1])
+    with pytest.raises(ValueError, match="pooled text embeddings"):
+        sampler.predict_noise(traj.latents[:, 0], traj.timesteps[0], traj.prompt_embeds)
+
+
+def test_explicit_timesteps_need_lcm(sdxl_pipe):
+    with pytest.raises(UserInputError, match="sample.scheduler=lcm"):
+        SDSampler(sdxl_pipe, scheduler="ddim", timesteps=[999, 499])
