@@ -40,7 +40,9 @@ class SampleConfig:
     scheduler: str = "ddim"         # ddim | euler_ancestral (SD-Turbo) | lcm (LCM-LoRA): every step recomputable, with
     # log-probs; or any diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) for plain sampling
     schedule: str = "model"         # preset on top of the model's scheduler config: model (as is) | trailing
-    # (few-step students: SD-Turbo) | adjoint_matching (DDIM; the SOC recipe)
+    # (few-step students: SD-Turbo, SDXL-Turbo) | adjoint_matching (DDIM; the SOC recipe)
+    timesteps: list[int] | None = None  # explicit timesteps, lcm only (DMD2 4-step: [999, 749, 499, 249]); their
+    # count must equal num_steps; None: num_steps spaced by the scheduler
     vae_slicing: bool = False       # decode one image at a time: SD 1.5, 4 images at 256 px: 1054 -> 256 MiB, same time
 
 
@@ -63,6 +65,8 @@ class TrainConfig:
     # +17% time); None: on for trainers that backpropagate through sampling (draft), off for those whose graph is one
     # UNet call (ddpo, loop, dpok, adjoint_matching: +50% time on their training pass, as in DDPO's official code)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype; LoRA weights and log-probs stay float32
+    vae_float32: bool | None = None  # keep the VAE in float32 under fp16/bf16 weights; None: when the VAE's config
+    # asks for it (force_upcast: SDXL's VAE overflows in fp16) and weights are fp16, as diffusers' SDXL pipeline does
     attention: Literal["sdpa", "xformers"] = "sdpa"  # UNet/VAE attention kernel; xformers needs its package + a GPU
     compile: bool = False           # torch.compile the UNet (tiny model, CPU: 2x faster steps after ~2 min of compiling)
     seed: int = 0                   # seeds torch, numpy and python RNGs; same seed + config = same run
@@ -83,6 +87,11 @@ class LogConfig:
 @dataclass
 class Config:
     model: str = "tiny"             # hub id, local diffusers folder, single-file checkpoint, or built-in name
+    base_lora: str | None = None    # a LoRA fused into the model before training, making the student (LCM-LoRA,
+    # DMD2): a local .safetensors file or folder, or owner/repo/file.safetensors on the hub
+    base_lora_scale: float = 1.0    # the fused LoRA's scale (diffusers' fuse_lora lora_scale)
+    vae: str | None = None          # a replacement VAE (hub id or local folder), e.g. madebyollin/sdxl-vae-fp16-fix
+    # to decode SDXL in fp16; None: the model's own
     trainer: str = "draft"          # which trainer section below is used
     reward: str | dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})  # name, mod:Class or {name: w}
     reward_weights: dict[str, str] = field(default_factory=dict)  # reward name -> local weights file/folder; else HF
@@ -133,6 +142,10 @@ def validate(config: Config) -> None:
     sections = trainer_sections(type(config))
     if config.trainer not in sections:
         raise unknown_name("trainer", config.trainer, sections)
+    timesteps = config.sample.timesteps
+    if timesteps is not None and len(timesteps) != config.sample.num_steps:
+        raise UserInputError(f"sample.timesteps has {len(timesteps)} values but sample.num_steps is "
+                             f"{config.sample.num_steps}; set sample.num_steps={len(timesteps)}")
     if isinstance(config.reward, dict) and not config.reward:
         raise UserInputError("reward is an empty mapping; give at least one reward name -> weight")
     for path, low, high in _RANGES:

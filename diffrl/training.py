@@ -121,8 +121,9 @@ def build_run(config: Config, output_dir: Path) -> Run:
     if isinstance(reward, torch.nn.Module):  # reward models run in the run's weight dtype; scores stay float32
         reward.requires_grad_(False).eval().to(accelerator.device, WEIGHT_DTYPES[train_config.mixed_precision])
     pipe = load_pipeline(config.model, dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
-    for frozen in (pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False)
+    for frozen in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # text_encoder_2: SDXL
+        if frozen is not None:
+            frozen.requires_grad_(False)
     set_attention(pipe, train_config.attention, accelerator.device)
     params = _add_lora(pipe.unet, train_config)
     sample = config.sample
@@ -133,7 +134,7 @@ def build_run(config: Config, output_dir: Path) -> Run:
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                         negative_prompt=sample.negative_prompt,
                         gradient_checkpointing=uses_gradient_checkpointing(config), schedule=sample.schedule,
-                        scheduler=sample.scheduler)
+                        scheduler=sample.scheduler, timesteps=sample.timesteps)
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)

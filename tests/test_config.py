@@ -238,7 +238,7 @@ def test_override_text_values_that_yaml_reads_as_other_types():
     ("=3", "override '=3' is not of the form key.path=value"),
     ("sample..eta=1", "is not of the form key.path=value"),
     ("sample.num_step=3", "unknown config key 'sample.num_step'; valid config keys: sample.batch_size"),
-    ("smaple.num_steps=3", "unknown config key 'smaple'; valid config keys: adjoint_matching, ddpo, dpok, draft, log"),
+    ("smaple.num_steps=3", "unknown config key 'smaple'; valid config keys: adjoint_matching, base_lora, base_lora_scale, ddpo, dpok"),
     ("draft.x=3", "unknown config key 'draft.x'"),
     ("sample.num_steps=ten", "sample.num_steps must be int, got 'ten'"),
     ("train.lora_rank=true", "train.lora_rank must be int, got True"),
