@@ -25,7 +25,7 @@ from diffrl.diversity import DiversityMetrics, build_diversity_metrics, mean_and
 from diffrl.errors import UserInputError
 from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import LORA_WEIGHTS_NAME, has_lora
-from diffrl.models import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, load_pipeline
+from diffrl.models import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, load_model, load_pipeline
 from diffrl.sampler import SDSampler
 from diffrl.shapesworld_statistics import LayoutSample, data_layouts, layout, layout_distances
 from diffrl.trajectory import Trajectory
@@ -149,15 +149,30 @@ def use_checkpoint(pipe, checkpoint: Path | None) -> None:
 
 def pipelines(targets: list[Target], device, dtype, vae_slicing: bool = False) -> Iterator[tuple[Target, object]]:
     """Each target with its pipeline: loaded once per model, the LoRA swapped between checkpoints."""
-    pipe, model = None, None
+    pipe, loaded = None, None
     for target in targets:
-        if target.model != model:
+        if _model_key(target) != loaded:
             pipe = None  # let the previous model go before the next one loads
-            pipe, model = load_pipeline(target.model, dtype=dtype, device=device), target.model
+            pipe, loaded = load_target_model(target, dtype, device), _model_key(target)
             if vae_slicing:
                 pipe.vae.enable_slicing()
         use_checkpoint(pipe, target.checkpoint)
         yield target, pipe
+
+
+def _model_key(target: Target) -> tuple:
+    config = target.config
+    extras = () if config is None else (config.base_lora, config.base_lora_scale, config.vae, config.train.vae_float32)
+    return (target.model, *extras)
+
+
+def load_target_model(target: Target, dtype, device):
+    """A run's model as it trained it (its fused base_lora and VAE choices); a model named on its own as is."""
+    config = target.config
+    if config is None:
+        return load_pipeline(target.model, dtype=dtype, device=device)
+    return load_model(config.model, base_lora=config.base_lora, base_lora_scale=config.base_lora_scale,
+                      vae=config.vae, vae_float32=config.train.vae_float32, dtype=dtype, device=device)
 
 
 @torch.no_grad()

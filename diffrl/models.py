@@ -222,3 +222,71 @@ def _load_failure_sentence(name: str, error: Exception) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (f"could not load model {name!r}: it is not a complete diffusers pipeline with safetensors weights in the "
             f"local Hugging Face cache ({cache}, set by HF_HOME) and could not be downloaded ({first_line})")
+
+
+# -- what a run loads besides the pipeline ---------------------------------------------------------------------------
+def load_model(model: str, *, base_lora: str | None = None, base_lora_scale: float = 1.0, vae: str | None = None,
+               vae_float32: bool | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """The pipeline a run trains: ``load_pipeline`` plus its config's fused student LoRA and VAE choices.
+
+    ``vae_float32=None`` keeps the VAE in float32 exactly when diffusers' SDXL pipeline would upcast it: an SDXL
+    model in fp16 with a VAE whose config sets ``force_upcast`` (SDXL's VAE overflows in fp16; the fp16-fixed one
+    does not; SD 1.x's pipeline never upcasts).
+    """
+    pipe = load_pipeline(model, dtype=dtype, device=device)
+    if base_lora:
+        fuse_base_lora(pipe, base_lora, base_lora_scale)
+    if vae:
+        pipe.vae = load_vae(vae, dtype=dtype, device=device)
+    if vae_float32 is None:
+        vae_float32 = (dtype == torch.float16 and pipe.unet.config.addition_embed_type == "text_time"
+                       and bool(getattr(pipe.vae.config, "force_upcast", False)))
+    if vae_float32:
+        pipe.vae.to(torch.float32)
+    return pipe
+
+
+def fuse_base_lora(pipe, spec: str, scale: float = 1.0) -> None:
+    """Fuse a LoRA into the UNet (and text encoders it carries) and drop the adapter: the fused model is the student
+    that training starts from and compares with (LCM-LoRA, DMD2's LoRA).
+
+    ``spec`` is a local ``.safetensors`` file, a local folder holding ``pytorch_lora_weights.safetensors``, or a hub
+    reference: ``owner/repo`` (its ``pytorch_lora_weights.safetensors``) or ``owner/repo/path/file.safetensors``.
+    """
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        source, weight_name = str(path.parent), path.name
+    elif path.is_dir():
+        source, weight_name = str(path), None
+    elif spec.startswith((".", "/", "~")) or path.suffix == ".safetensors" and len(spec.split("/")) < 3:
+        raise UserInputError(f"base_lora {spec!r} does not exist: give a .safetensors file, a folder holding "
+                             "pytorch_lora_weights.safetensors, or a hub reference owner/repo[/file.safetensors]")
+    else:
+        parts = spec.split("/")
+        source, weight_name = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        pipe.load_lora_weights(source, weight_name=weight_name, adapter_name="base_lora")
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"could not load base_lora {spec!r}: download the LoRA file (e.g. huggingface-cli "
+                             f"download {source}{' ' + weight_name if weight_name else ''}) into the Hugging Face "
+                             f"cache or give its local path ({_first_line(error)})") from error
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["base_lora"])
+    pipe.unload_lora_weights()   # the weights stay fused; the adapter modules go, so "adapters off" is the student
+
+
+def load_vae(name_or_path: str, *, dtype: torch.dtype, device: str | torch.device):
+    """A replacement AutoencoderKL (hub id or local diffusers folder), safetensors only."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(os.path.expanduser(name_or_path), torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise UserInputError(_load_failure_sentence(name_or_path, error).replace("diffusers pipeline",
+                                                                                  "diffusers VAE")) from error
+    return vae.to(device)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

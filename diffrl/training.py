@@ -26,7 +26,7 @@ from diffrl.config import Config, config_to_dict, save_config
 from diffrl.errors import NonFiniteError, UserInputError, unknown_name
 from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import add_lora
-from diffrl.models import load_pipeline
+from diffrl.models import load_model
 from diffrl.optimization import Optimization
 from diffrl.report import write_report
 from diffrl.sampler import SCHEDULES, SDSampler, scheduler_class
@@ -120,7 +120,9 @@ def build_run(config: Config, output_dir: Path) -> Run:
     reward = load_reward(config.reward, config.reward_weights)
     if isinstance(reward, torch.nn.Module):  # reward models run in the run's weight dtype; scores stay float32
         reward.requires_grad_(False).eval().to(accelerator.device, WEIGHT_DTYPES[train_config.mixed_precision])
-    pipe = load_pipeline(config.model, dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
+    pipe = load_model(config.model, base_lora=config.base_lora, base_lora_scale=config.base_lora_scale,
+                      vae=config.vae, vae_float32=train_config.vae_float32,
+                      dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
     for frozen in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # text_encoder_2: SDXL
         if frozen is not None:
             frozen.requires_grad_(False)

@@ -165,3 +165,58 @@ def test_train_and_evaluate_an_sdxl_config_end_to_end(tmp_path):
                  "--quiet", "--output-dir", str(tmp_path / "eval")]) == 0
     rows = json.loads((tmp_path / "eval" / "eval.json").read_text())["checkpoints"]
     assert [row["step"] for row in rows] == [0, 2]
+
+
+def _unet_output(pipe):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    conditioning = TextConditioning(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)),
+                                    torch.randn(2, 32, generator=torch.Generator().manual_seed(2)),
+                                    torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2))
+    with torch.no_grad():
+        return pipe.unet(x, 500, **conditioning.unet_kwargs()).sample
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_base_lora_is_fused_into_the_student_without_an_adapter(tmp_path, as_file):
+    """A DMD2/LCM-style LoRA (rank 4, alpha 2) fused by `base_lora` gives the UNet the adapted model's outputs, and
+    no adapter remains: the fused model is what "adapters off" (the reference) means during training."""
+    from diffrl.lora import add_lora, has_lora, save_lora
+    from diffrl.models import load_model
+    from tests.conftest import perturb_lora
+
+    source = build_tiny_sdxl_pipeline()
+    add_lora(source.unet, rank=4, alpha=2)
+    perturb_lora(source.unet)
+    path = save_lora(source.unet, tmp_path)
+    student = load_model("tiny-sdxl", base_lora=str(path if as_file else tmp_path))
+    assert not has_lora(student.unet)
+    torch.testing.assert_close(_unet_output(student), _unet_output(source), rtol=0, atol=1e-5)
+    assert (_unet_output(student) - _unet_output(build_tiny_sdxl_pipeline())).abs().max() > 1e-2
+
+
+def test_missing_base_lora_says_what_to_give(tmp_path):
+    from diffrl.models import load_model
+
+    with pytest.raises(UserInputError, match="base_lora .* does not exist: give a .safetensors file"):
+        load_model("tiny-sdxl", base_lora=str(tmp_path / "absent.safetensors"))
+
+
+def test_fp16_sdxl_decodes_with_a_float32_vae_unless_replaced(tmp_path):
+    """diffusers' SDXL pipeline upcasts a force_upcast VAE under fp16; so does a run, unless told otherwise or given
+    a VAE that does not need it (the fp16-fixed VAE's config says force_upcast: false)."""
+    from diffusers import AutoencoderKL
+
+    from diffrl.models import build_tiny_pipeline, load_model
+
+    pipe = load_model("tiny-sdxl", dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    images = SDSampler(pipe, num_steps=1).decode(torch.zeros(1, 4, 16, 16, dtype=torch.float16))
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert load_model("tiny-sdxl", dtype=torch.float16, vae_float32=False).vae.dtype == torch.float16
+    assert load_model("tiny", dtype=torch.float16).vae.dtype == torch.float16      # SD 1.x never upcasts
+
+    config = {key: value for key, value in build_tiny_pipeline().vae.config.items() if not key.startswith("_")}
+    fixed = AutoencoderKL.from_config({**config, "force_upcast": False, "scaling_factor": 0.13025})
+    fixed.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    replaced = load_model("tiny-sdxl", dtype=torch.float16, vae=str(tmp_path / "vae"))
+    assert replaced.vae.dtype == torch.float16 and not replaced.vae.config.force_upcast

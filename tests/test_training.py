@@ -281,6 +281,7 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     (["trainer=spin", "spin.dataset={tmp}/data.jsonl"], "line 1: image"),
     (["sample.timesteps=[999, 749, 499]"], "sample.timesteps has 3 values but sample.num_steps is 2"),
     (["sample.timesteps=[999, 499]"], "explicit sample.timesteps need sample.scheduler=lcm"),
+    (["base_lora={tmp}/absent.safetensors"], "absent.safetensors' does not exist: give a .safetensors file"),
 ])
 def test_bad_input_catalogue_exits_2_with_one_sentence(overrides, expected, tmp_path, capsys):
     """The rows of docs/bad_input.md not covered in tests/test_cli.py; the CLI called in-process."""
