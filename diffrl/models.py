@@ -1,7 +1,9 @@
-"""load_pipeline: a diffusers Stable Diffusion pipeline from a hub id, a local folder, a single file, or a built-in."""
+"""load_pipeline: a diffusers Stable Diffusion or SDXL pipeline from a hub id, a local folder, a single file, or a
+built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +96,21 @@ TINY_SDXL_ARCHITECTURE = {  # 32 px images, 16x16x4 latents, the SDXL code paths
                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                 scaling_factor=0.13025, force_upcast=True),
 }
+SDXL_ARCHITECTURE = {  # stabilityai/stable-diffusion-xl-base-1.0's configs; UNet 2.57 B params, both text encoders 0.82 B
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         projection_dim=768, hidden_act="quick_gelu"),                      # CLIP ViT-L/14
+    "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           projection_dim=1280, hidden_act="gelu"),                         # OpenCLIP ViT-bigG/14
+    "unet": dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=1280 + 6 * 256),
+    "vae": dict(sample_size=1024, block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, scaling_factor=0.13025,
+                force_upcast=True),
+}
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler config (an Euler scheduler; the DDIM keys are its own too).
 SDXL_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -130,6 +147,11 @@ def build_random_sdxl_pipeline(architecture: dict, seed: int = 0) -> StableDiffu
         add_watermarker=False)
 
 
+def build_sdxl_random_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL base 1.0's architecture (1024 px, 128x128x4 latents) with random weights, for benchmarks (~14 GB fp32)."""
+    return build_random_sdxl_pipeline(SDXL_ARCHITECTURE, seed)
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's architecture at toy size (two text encoders, text_time conditioning; 32 px), random weights."""
     return build_random_sdxl_pipeline(TINY_SDXL_ARCHITECTURE, seed)
@@ -154,6 +176,8 @@ BUILTIN_MODELS = {
                                      f"shapes; built by {SHAPES_BUILD_COMMAND})"),
     "sd15-random": (build_sd15_random_pipeline,
                     "SD 1.5 architecture with random weights (benchmarks; ~1.0 B params, no download)"),
+    "sdxl-random": (build_sdxl_random_pipeline,
+                    "SDXL base 1.0 architecture with random weights (benchmarks; ~3.4 B params, no download)"),
     "tiny-sdxl": (build_tiny_sdxl_pipeline,
                   "SDXL architecture at toy size with random weights (two text encoders, pooled + time-id "
                   "conditioning; 32 px, for tests and demos)"),
@@ -161,12 +185,13 @@ BUILTIN_MODELS = {
 
 
 def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  ) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline.
+                  ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load a Stable Diffusion (1.x, 2.x, Turbo) or SDXL (base, Turbo) text-to-image pipeline.
 
     ``name_or_path`` is a built-in name (see ``BUILTIN_MODELS``), a local diffusers folder, a single-file checkpoint
-    (``.safetensors``/``.ckpt``), or a Hugging Face hub id (read from the local cache or downloaded). Only safetensors
-    weights are accepted from folders and the hub; a safety checker is never loaded.
+    (``.safetensors``/``.ckpt``), or a Hugging Face hub id (read from the local cache or downloaded). The family comes
+    from the folder's ``model_index.json`` or, for a single file, from its tensor names. Only safetensors weights are
+    accepted; a safety checker or watermarker is never loaded.
     """
     path = Path(os.path.expanduser(name_or_path))
     if name_or_path in BUILTIN_MODELS:
@@ -191,26 +216,64 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
+# The text-to-image pipeline classes diffrl samples, with what keeps them from loading extras it never uses.
+PIPELINE_OPTIONS = {
+    "StableDiffusionPipeline": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+    "StableDiffusionXLPipeline": dict(add_watermarker=False),
+}
+
+
+def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    import diffusers
 
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            name_or_path, torch_dtype=dtype, use_safetensors=True, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        class_name = _pipeline_class_name(name_or_path)
+    except (OSError, ValueError) as error:
+        raise UserInputError(_load_failure_sentence(name_or_path, error)) from error
+    if class_name not in PIPELINE_OPTIONS:
+        raise UserInputError(f"model {name_or_path!r} is a {class_name}; diffrl fine-tunes text-to-image "
+                             f"{' and '.join(PIPELINE_OPTIONS)} models")
+    try:
+        return getattr(diffusers, class_name).from_pretrained(
+            name_or_path, torch_dtype=dtype, use_safetensors=True, **PIPELINE_OPTIONS[class_name])
     except (OSError, ValueError, EnvironmentError) as error:
         raise UserInputError(_load_failure_sentence(name_or_path, error)) from error
 
 
-def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _pipeline_class_name(name_or_path: str) -> str:
+    """``_class_name`` of a folder's or hub repository's model_index.json (the hub's from the cache, or fetched)."""
+    index = Path(name_or_path) / "model_index.json"
+    if not index.is_file():
+        from huggingface_hub import hf_hub_download
+
+        index = Path(hf_hub_download(name_or_path, "model_index.json"))
+    return json.loads(index.read_text(encoding="utf-8")).get("_class_name", "<no _class_name>")
+
+
+def is_sdxl_single_file(path: str | Path) -> bool:
+    """Whether a single-file checkpoint is SDXL: it holds a second text encoder (read from the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        return any(key.startswith("conditioner.embedders.1.") for key in weights.keys())
+
+
+def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     if not path.is_file():
         raise UserInputError(f"model file {str(path)!r} does not exist")
     if path.suffix == ".ckpt":
         raise UserInputError(f"{path} is a pickled .ckpt checkpoint, which diffrl does not load because unpickling "
                              "can run arbitrary code; convert it to .safetensors first")
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
+        sdxl = is_sdxl_single_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError for a file that is not safetensors
+        raise UserInputError(f"model file {str(path)!r} is not a readable safetensors file ({_first_line(error)})"
+                             ) from error
+    try:
+        if sdxl:
+            return StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype)
         return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserInputError(_load_failure_sentence(str(path), error)) from error

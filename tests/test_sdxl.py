@@ -220,3 +220,35 @@ def test_fp16_sdxl_decodes_with_a_float32_vae_unless_replaced(tmp_path):
     fixed.save_pretrained(tmp_path / "vae", safe_serialization=True)
     replaced = load_model("tiny-sdxl", dtype=torch.float16, vae=str(tmp_path / "vae"))
     assert replaced.vae.dtype == torch.float16 and not replaced.vae.config.force_upcast
+
+
+def test_local_sdxl_folder_loads_as_sdxl(tmp_path, sdxl_pipe):
+    """The family comes from model_index.json: a saved tiny-sdxl loads as StableDiffusionXLPipeline, same weights."""
+    from diffrl.models import load_pipeline
+
+    sdxl_pipe.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path))
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    torch.testing.assert_close(_unet_output(loaded), _unet_output(sdxl_pipe), rtol=0, atol=0)
+
+
+def test_folder_of_another_pipeline_class_is_named_in_one_sentence(tmp_path):
+    from diffrl.models import load_pipeline
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
+    with pytest.raises(UserInputError, match="is a StableDiffusionXLImg2ImgPipeline; diffrl fine-tunes text-to-image "
+                                             "StableDiffusionPipeline and StableDiffusionXLPipeline models"):
+        load_pipeline(str(tmp_path))
+
+
+def test_single_file_family_is_read_from_tensor_names(tmp_path):
+    """SDXL single files (the original Stability layout) hold a second text encoder under conditioner.embedders.1."""
+    from safetensors.torch import save_file
+
+    from diffrl.models import is_sdxl_single_file
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
+              str(tmp_path / "sd15.safetensors"))
+    assert is_sdxl_single_file(tmp_path / "xl.safetensors")
+    assert not is_sdxl_single_file(tmp_path / "sd15.safetensors")
