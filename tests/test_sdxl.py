@@ -252,3 +252,25 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
               str(tmp_path / "sd15.safetensors"))
     assert is_sdxl_single_file(tmp_path / "xl.safetensors")
     assert not is_sdxl_single_file(tmp_path / "sd15.safetensors")
+
+
+def test_sdxl_lora_round_trip_through_plain_diffusers_keeps_alpha(tmp_path, sdxl_pipe):
+    """A LoRA of rank 4 and alpha 2 saved by diffrl, loaded by StableDiffusionXLPipeline.load_lora_weights, gives the
+    trained adapter's outputs; with alpha lost (read as alpha = rank) they would be twice as far from the base."""
+    from safetensors import safe_open
+
+    from diffrl.lora import add_lora, save_lora
+    from tests.conftest import perturb_lora
+
+    add_lora(sdxl_pipe.unet, rank=4, alpha=2)
+    perturb_lora(sdxl_pipe.unet)
+    path = save_lora(sdxl_pipe.unet, tmp_path)
+    plain = build_tiny_sdxl_pipeline()
+    base = _unet_output(plain)
+    plain.load_lora_weights(str(tmp_path))
+    torch.testing.assert_close(_unet_output(plain), _unet_output(sdxl_pipe), rtol=0, atol=1e-5)
+    assert (_unet_output(plain) - base).abs().max() > 1e-2
+    with safe_open(str(path), framework="pt") as saved:
+        assert all(key.startswith("unet.") for key in saved.keys())
+        adapter = json.loads(saved.metadata()["lora_adapter_metadata"])
+    assert adapter["unet.lora_alpha"] == 2 and adapter["unet.r"] == 4

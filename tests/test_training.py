@@ -148,10 +148,12 @@ def test_prompt_file_errors(tmp_path):
         load_prompts(tmp_path / "empty.txt")
 
 
-def test_bf16_mixed_precision_keeps_lora_and_log_probs_in_float32(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_bf16_mixed_precision_keeps_lora_and_log_probs_in_float32(tmp_path, model):
     from diffrl.training import build_run
 
-    run = build_run(fast_config(*SHORT, "train.mixed_precision=bf16", "sample.eta=1.0", "draft.k=2"), tmp_path)
+    run = build_run(fast_config(*SHORT, f"model={model}", "train.mixed_precision=bf16", "sample.eta=1.0", "draft.k=2"),
+                    tmp_path)
     assert run.pipe.unet.dtype == torch.bfloat16 and run.pipe.vae.dtype == torch.bfloat16
     lora = [p for n, p in run.pipe.unet.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
