@@ -24,7 +24,7 @@ from diffrl.config import Config, SampleConfig, load_config
 from diffrl.diversity import DiversityMetrics, build_diversity_metrics, mean_and_standard_error
 from diffrl.errors import UserInputError
 from diffrl.grids import image_grid, save_image_atomic
-from diffrl.lora import LORA_WEIGHTS_NAME, has_lora
+from diffrl.lora import LORA_WEIGHTS_NAME, has_lora, load_unet_lora
 from diffrl.models import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, load_model, load_pipeline
 from diffrl.sampler import SDSampler
 from diffrl.shapesworld_statistics import LayoutSample, data_layouts, layout, layout_distances
@@ -144,7 +144,7 @@ def use_checkpoint(pipe, checkpoint: Path | None) -> None:
     if has_lora(pipe.unet):
         pipe.unload_lora_weights()
     if checkpoint is not None:
-        pipe.load_lora_weights(str(checkpoint))
+        load_unet_lora(pipe, checkpoint)
 
 
 def pipelines(targets: list[Target], device, dtype, vae_slicing: bool = False) -> Iterator[tuple[Target, object]]:

@@ -49,6 +49,19 @@ def save_lora(unet, directory: str | Path) -> Path:
     return Path(directory) / LORA_WEIGHTS_NAME
 
 
+def load_unet_lora(pipe, source: str | Path, **kwargs) -> None:
+    """``pipe.load_lora_weights`` for a UNet-only LoRA file, without diffusers' warning, once per text encoder, that
+    the file holds no text-encoder weights (it is not meant to)."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(str(source), **kwargs)
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_lora_into(unet, directory: str | Path) -> None:
     """Load saved LoRA weights into the UNet's existing adapter (exact resume; the adapter shapes must match)."""
     state = load_file(str(Path(directory) / LORA_WEIGHTS_NAME))

@@ -317,6 +317,8 @@ def fuse_base_lora(pipe, spec: str, scale: float = 1.0) -> None:
     ``spec`` is a local ``.safetensors`` file, a local folder holding ``pytorch_lora_weights.safetensors``, or a hub
     reference: ``owner/repo`` (its ``pytorch_lora_weights.safetensors``) or ``owner/repo/path/file.safetensors``.
     """
+    from diffrl.lora import load_unet_lora
+
     path = Path(os.path.expanduser(spec))
     if path.is_file():
         source, weight_name = str(path.parent), path.name
@@ -329,7 +331,7 @@ def fuse_base_lora(pipe, spec: str, scale: float = 1.0) -> None:
         parts = spec.split("/")
         source, weight_name = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
-        pipe.load_lora_weights(source, weight_name=weight_name, adapter_name="base_lora")
+        load_unet_lora(pipe, source, weight_name=weight_name, adapter_name="base_lora")
     except (OSError, ValueError) as error:
         raise UserInputError(f"could not load base_lora {spec!r}: download the LoRA file (e.g. huggingface-cli "
                              f"download {source}{' ' + weight_name if weight_name else ''}) into the Hugging Face "
