@@ -1,15 +1,24 @@
-"""Pure math of the preference trainers: the Diffusion-DPO loss form (SPIN-Diffusion, offline PSO) and online PSO's
-loss on per-step likelihood ratios.
+"""Pure math of the preference trainers: the Diffusion-DPO loss (SPIN-Diffusion), offline PSO's loss of the same
+family, and online PSO's loss on per-step likelihood ratios.
 
-Diffusion-DPO (Wallace et al., CVPR 2024, arXiv 2311.12908, eq. 14) scores a pair (winner w, loser l), both noised
-with the same ε to the same timestep t, by how much better the policy denoises the winner than the reference does,
-compared with the same difference on the loser:
+Both offline forms score a pair (winner w, loser l), both noised with the same ε to the same timestep t, by how much
+better the policy denoises the winner than the reference does, compared with the same difference on the loser. With
+e_θ(x) = ‖ε − ε_θ(x_t)‖² and e_ref(x) the reference's, each the MEAN over latent elements:
 
-    inside = −β · [(‖ε − ε_θ(x^w_t)‖² − ‖ε − ε_ref(x^w_t)‖²) − (‖ε − ε_θ(x^l_t)‖² − ‖ε − ε_ref(x^l_t)‖²)]
-    loss   = −log σ(inside), averaged over pairs
+    Diffusion-DPO (Wallace et al., CVPR 2024, arXiv 2311.12908, eq. 14; official SalesforceAIResearch/DiffusionDPO,
+    train.py lines 1121-1145 at commit 5233e75, `scale_term = -0.5 * args.beta_dpo` on line 1142):
+        model_diff = e_θ(w) − e_θ(l),   ref_diff = e_ref(w) − e_ref(l)
+        inside = −½ β (model_diff − ref_diff),   loss = −log σ(inside), averaged over pairs
+    The ½ is the official code's `scale_term = -0.5 * beta_dpo`: with it, the papers' β (Diffusion-DPO 5000 for
+    SD 1.5, SPIN-Diffusion 2000-5000) mean here what they mean there. At θ = ref the loss is log 2 and each
+    pair's d loss / d e_θ(w) is β/4 (before the mean over pairs).
 
-Reduction next to β: each ‖·‖² is the MEAN over latent elements (as Diffusion-DPO's official code computes it), so β
-is on the scale of the papers' 2000-5000. At θ = ref the inside is 0 and the loss is log 2.
+    Offline PSO (Miao et al., ICLR 2025, arXiv 2410.03190; official ZichenMiao/Pairwise_Sample_Optimization,
+    personalization/train_pso_sdxl_turbo_dreambooth.py at commit 85e09df, lines 1839-1883, `loss_type == "pso"`):
+        model_diff = e_θ(w) − λ e_θ(l),   ref_diff = e_ref(w) − λ e_ref(l)     (λ: the official `neg_defactor`)
+        inside = β (ref_diff − model_diff),   loss = −log σ(inside)
+    No ½: PSO's β = 100 is Diffusion-DPO's β = 200 when λ = 1. The official code's errors are EDM-style x0 errors
+    weighted by σ⁻², which equal the ε errors used here, so its β applies unchanged.
 """
 
 from __future__ import annotations
@@ -30,21 +39,32 @@ def denoising_errors(noise: Tensor, noise_pred: Tensor) -> Tensor:
 @dataclass
 class PreferenceStats:
     accuracy: Tensor        # fraction of pairs with inside > 0 (the policy prefers the winner more than ref does)
-    margin: Tensor          # mean of inside / β: the policy's error advantage on the winner over the loser
+    margin: Tensor          # mean of ref_diff − model_diff: the policy's error advantage on the winner, β-free
 
 
-def diffusion_dpo_loss(policy_winner: Tensor, policy_loser: Tensor, reference_winner: Tensor, reference_loser: Tensor,
-                       beta: float) -> tuple[Tensor, PreferenceStats]:
-    """The Diffusion-DPO loss from four [B] tensors of denoising errors (see ``denoising_errors``); the reference
-    errors carry no gradient. Lower policy error on the winner than the reference's lowers the loss."""
-    winner_gain = policy_winner.float() - reference_winner.detach().float()
-    loser_gain = policy_loser.float() - reference_loser.detach().float()
-    margin = -(winner_gain - loser_gain)
-    inside = beta * margin
+def _pairwise_logistic_loss(model_diff: Tensor, ref_diff: Tensor, scale: float) -> tuple[Tensor, PreferenceStats]:
+    """−log σ(scale · (ref_diff − model_diff)), averaged over pairs; the reference carries no gradient."""
+    margin = ref_diff.detach().float() - model_diff.float()
+    inside = scale * margin
     loss = -F.logsigmoid(inside).mean()
     with torch.no_grad():
         stats = PreferenceStats(accuracy=(inside > 0).float().mean(), margin=margin.mean())
     return loss, stats
+
+
+def diffusion_dpo_loss(policy_winner: Tensor, policy_loser: Tensor, reference_winner: Tensor, reference_loser: Tensor,
+                       beta: float) -> tuple[Tensor, PreferenceStats]:
+    """The Diffusion-DPO loss in the official form, −log σ(−½β (model_diff − ref_diff)), from four [B] tensors of
+    denoising errors (see ``denoising_errors``). Lower policy error on the winner than the reference's lowers it."""
+    return _pairwise_logistic_loss(policy_winner - policy_loser, reference_winner - reference_loser, 0.5 * beta)
+
+
+def pso_offline_loss(policy_winner: Tensor, policy_loser: Tensor, reference_winner: Tensor, reference_loser: Tensor,
+                     beta: float, loser_weight: float) -> tuple[Tensor, PreferenceStats]:
+    """Offline PSO's loss as its official code writes it, −log σ(β (ref_diff − model_diff)) with each diff
+    = winner error − loser_weight · loser error (no ½; see the module docstring)."""
+    return _pairwise_logistic_loss(policy_winner - loser_weight * policy_loser,
+                                   reference_winner - loser_weight * reference_loser, beta)
 
 
 def pso_online_loss(log_ratios_a: Tensor, log_ratios_b: Tensor, rewards_a: Tensor, rewards_b: Tensor, beta: float,

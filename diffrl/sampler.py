@@ -45,10 +45,10 @@ class Sampler(Protocol):
 class DDIMStep:
     """One transition x_t -> x_{t'} ~ N(mean, std² I)."""
 
-    prev_latents: Tensor   # x_{t'}
-    mean: Tensor           # μ
-    std: Tensor            # σ_t(η), broadcastable to the latents
-    noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models)
+    prev_latents: Tensor   # x_{t'}, in the latents' dtype (the UNet's)
+    mean: Tensor           # μ, float32
+    std: Tensor            # σ_t(η), float32, broadcastable to the latents
+    noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models), float32
 
 
 # Named scheduler settings a recipe can opt into with `sample.schedule`; "model" keeps the pipeline's own config.
@@ -310,16 +310,22 @@ class SDSampler:
         if torch.is_tensor(i):
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
-        model_input = latents if self.input_divisors is None else latents / _broadcast(self.input_divisors[i], latents)
+        model_input = latents
+        if self.input_divisors is not None:
+            model_input = (latents.float() / _broadcast(self.input_divisors[i], latents)).to(latents.dtype)
         conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
         with self._adapters(enabled=not reference):
             output = self._model_output(model_input, t, conditioning, negative, self.guidance_scale, reference)
-        mean, std, eps = self._transition(output, latents, i)
+        # The step's Gaussian in float32 whatever the UNet's dtype, for an int i (0-dim coefficients, sampling) and a
+        # tensor i ([B, 1, 1, 1] coefficients, recomputation) alike: type promotion would otherwise compute the first
+        # in bf16/fp16 and the second in float32, and the ratio of the two would not be 1 before an update.
+        mean, std, eps = self._transition(output.float(), latents.float(), i)
         draws = self._draws_noise[i] if isinstance(i, int) else bool(self.stochastic_steps)
         if not (add_noise and draws):
-            return DDIMStep(mean, mean, std, eps)
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return DDIMStep(mean + std * noise, mean, std, eps)
+            return DDIMStep(mean.to(latents.dtype), mean, std, eps)
+        # noise drawn in the UNet's dtype, as diffusers draws it (the same numbers for the same generator)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=latents.dtype)
+        return DDIMStep((mean + std * noise.float()).to(latents.dtype), mean, std, eps)
 
     def _transition(self, output: Tensor, latents: Tensor, i: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(mean, std, ε̂) of step i's Gaussian from the guided model output."""

@@ -18,6 +18,15 @@ from diffrl.models import build_tiny_pipeline  # noqa: E402
 PROMPTS = ["a red circle", "a photo of a cat"]
 
 
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """Learning tests pin torch to 2 threads; later tests (and their exact comparisons) get the count they started
+    with, whatever order pytest runs them in."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_pipe():
     """A fresh tiny SD pipeline (ε-prediction, DDIM, SD-1 scheduler config); tests may add adapters to it."""
@@ -39,3 +48,13 @@ def perturb_lora(unet, scale: float = 0.3, seed: int = 1) -> None:
         for name, param in unet.named_parameters():
             if "lora_" in name:
                 param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+@pytest.fixture(scope="session")
+def alpha_one_model(tmp_path_factory):
+    """The tiny model saved with set_alpha_to_one = True: DDIM's last step lands on ᾱ = 1, where σ = 0 at any η."""
+    pipe = build_tiny_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    path = tmp_path_factory.mktemp("alpha-one")
+    pipe.save_pretrained(path)
+    return path

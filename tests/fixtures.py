@@ -114,3 +114,28 @@ def script_fixture(name: str, scope: str = "function"):
         del sys.modules[module.__name__]
 
     return script
+
+
+# Two float32 computations of the same gradient that differ only in summation order (batch 4 at once vs. 2 + 2
+# accumulated: other batch shapes, other kernel blocking) agree per tensor to about u·√n relative to the tensor's
+# norm, u = 6e-8 (float32 unit roundoff), n ≲ 1e4 products summed per element: ~1e-5. 1e-4 leaves room for any
+# machine of this kind, while a lost 1/accumulation scaling is a relative error of 1, a dropped micro-batch ~0.5.
+# Element-wise tolerances are wrong here: elements where per-sample gradients cancel are near zero and carry the
+# whole tensor's rounding error.
+SAME_GRADIENT_RTOL = 1e-4
+
+
+def assert_same_gradients(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Per tensor, ‖got − expected‖ ≤ SAME_GRADIENT_RTOL · ‖expected‖ (exactly equal where expected is 0)."""
+    assert len(got) == len(expected)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        difference, scale = (a.double() - b.double()).norm().item(), b.double().norm().item()
+        assert difference <= SAME_GRADIENT_RTOL * scale, f"tensor {index}: |diff| {difference:.3g} vs |expected| {scale:.3g}"
+
+
+# ρ − 1 before an update, when rows are recomputed in another batch composition (DPOK's buffer rows, per-row
+# timesteps): the UNet's float32 output moves by a few ulps, and log p (a mean of O(1) terms) by about one ulp of
+# an O(1) number, 1.2e-7 (measured: at most 1.2e-7 on the tiny model). 1e-5 leaves ~100× for other CPUs' kernels
+# and is 10× below the PPO clip range 1e-4, where a real off-policy start would show; the bugs it guards give NaN
+# (a σ = 0 step) or 0.16 (a bf16 sampling mean).
+RECOMPUTE_ATOL = 1e-5

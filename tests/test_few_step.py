@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.errors import UserInputError
 from diffrl.lora import add_lora
@@ -20,11 +21,13 @@ FEW_STEP = {"euler_ancestral": (EulerAncestralDiscreteScheduler, "trailing", 0.0
 
 
 def _pipeline_images(pipe, scheduler_cls, preset, guidance, steps, latents, seed):
-    """The pipeline's images from the sampler's initial latents (the pipeline multiplies by init_noise_sigma itself)."""
+    """The pipeline's images from the sampler's initial latents: the pipeline gets the same N(0, I) draw (seed 1) and
+    multiplies it by init_noise_sigma itself, as the sampler did, so both start from bit-identical latents (dividing
+    the sampler's latents by σ ≈ 14.6 and multiplying back would not round-trip exactly)."""
     original = pipe.scheduler
     extra = {"timestep_spacing": "trailing"} if preset == "trailing" else {}
     pipe.scheduler = scheduler_cls.from_config(original.config, **extra)
-    latents = latents / pipe.scheduler.init_noise_sigma
+    latents = randn_tensor(latents.shape, generator=torch.Generator().manual_seed(1), dtype=latents.dtype)
     try:
         return pipe(PROMPTS, latents=latents, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                     generator=torch.Generator().manual_seed(seed)).images

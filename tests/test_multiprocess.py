@@ -151,8 +151,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(trainer, tmp
     rows = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             for name, run in (("one", one), ("two", two))}
     assert [row["step"] for row in rows["two"]] == list(range(1, STEPS + 1))  # one row per step: main process only
+    # reward_mean is the gathered batch's: the two runs' rewards differ by rounding (other batch shapes, one thread
+    # per worker) through weights that differ by up to RTOL of an update, far below 1e-4; the tiny model's rewards
+    # spread by ~3e-3, so a mean over the main process's half of the batch would be off by ~1e-3.
     for got, expected in zip(rows["two"], rows["one"]):
-        assert got["reward_mean"] == pytest.approx(expected["reward_mean"], abs=1e-6)
+        assert got["reward_mean"] == pytest.approx(expected["reward_mean"], abs=1e-4)
     assert sorted(path.name for path in (two / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert (two / "report.html").is_file() and len(list((two / "grids").iterdir())) == STEPS + 1
 
@@ -212,9 +215,11 @@ def test_spin_opponents_split_over_two_processes_equal_one_process(tmp_path):
     assert main(["train", *SPIN_RUN, "sample.batch_size=4", "--output-dir", str(one)]) == 0
     opponents = [load_file(run / "spin" / "opponents-iteration-1.safetensors")["latents"] for run in (one, two)]
     assert opponents[0].shape[0] == 8   # only the records 2 steps x 4 pairs use, of 16
-    # Measured: 4e-5 at most, from batches of other rows and one thread per process; a record out of order is O(1).
-    torch.testing.assert_close(opponents[1], opponents[0], rtol=0, atol=2e-4)
+    # The two caches differ by float32 rounding from batches of other rows and one thread per process, amplified by
+    # CFG 7.5 over 3 steps (measured 4e-5 at most). Records differ from each other by more than 0.1 (checked), so a
+    # tolerance 10x below that still fails on a record out of order while leaving 250x the rounding measured.
     assert (opponents[0][1:] - opponents[0][:-1]).abs().amax(dim=(1, 2, 3)).min() > 0.1
+    torch.testing.assert_close(opponents[1], opponents[0], rtol=0, atol=1e-2)
 
 
 if __name__ == "__main__":  # the worker, in each process: one run, the sampling patched or as it is

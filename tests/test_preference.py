@@ -1,4 +1,5 @@
-"""The Diffusion-DPO loss form against numbers worked by hand."""
+"""The Diffusion-DPO and offline PSO loss forms, and online PSO's, against numbers worked by hand in the official
+codes' own expressions."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import torch
 
-from diffrl.preference import denoising_errors, diffusion_dpo_loss, pso_online_loss
+from diffrl.preference import denoising_errors, diffusion_dpo_loss, pso_offline_loss, pso_online_loss
 
 
 def test_denoising_errors_are_the_mean_square_over_elements():
@@ -22,33 +23,35 @@ def test_policy_equal_to_reference_gives_log_two():
     assert stats.accuracy.item() == 0.0 and stats.margin.item() == 0.0
 
 
-def test_hand_worked_pair_and_beta_scaling():
-    # winner: policy 0.10 vs reference 0.12 (better by 0.02); loser: policy 0.20 vs reference 0.19 (worse by 0.01)
-    # inside = -beta * ((0.10 - 0.12) - (0.20 - 0.19)) = beta * 0.03
-    args = (torch.tensor([0.10]), torch.tensor([0.20]), torch.tensor([0.12]), torch.tensor([0.19]))
-    for beta in (10.0, 100.0):
-        loss, stats = diffusion_dpo_loss(*args, beta=beta)
-        expected = math.log1p(math.exp(-beta * 0.03))          # -log sigmoid(x) = log(1 + e^-x)
+# winner: policy 0.10 vs reference 0.12 (better by 0.02); loser: policy 0.20 vs reference 0.19 (worse by 0.01).
+# In float32 each input carries ≤ 6e-8 relative rounding, so the margin 0.03 (a difference of ~0.1 numbers) is off by
+# up to ~1e-6 relative, and so are the losses below: rel_tol 1e-5. The ½ the official form has changes them by 4×.
+PAIR = (torch.tensor([0.10]), torch.tensor([0.20]), torch.tensor([0.12]), torch.tensor([0.19]))
+
+
+def test_diffusion_dpo_matches_the_official_expression_with_its_half():
+    """SalesforceAIResearch/DiffusionDPO train.py: model_diff = 0.10 − 0.20 = −0.10, ref_diff = 0.12 − 0.19 = −0.07,
+    inside = −0.5 β (model_diff − ref_diff) = 0.015 β; β = 100 gives 1.5 and loss log(1 + e^−1.5) = 0.201413.
+    (Without the ½, the form diffrl had before, the loss would be log(1 + e^−3) = 0.048587.)"""
+    for beta, expected in ((100.0, 0.2014132779827524), (10.0, math.log1p(math.exp(-0.15)))):
+        loss, stats = diffusion_dpo_loss(*PAIR, beta=beta)
         assert math.isclose(loss.item(), expected, rel_tol=1e-5), (beta, loss.item(), expected)
         assert stats.accuracy.item() == 1.0 and math.isclose(stats.margin.item(), 0.03, rel_tol=1e-5)
     # the sign convention: the same numbers with winner and loser swapped are a worse (higher) loss
-    swapped, _ = diffusion_dpo_loss(args[1], args[0], args[3], args[2], beta=10.0)
-    assert swapped.item() > diffusion_dpo_loss(*args, beta=10.0)[0].item()
+    swapped, _ = diffusion_dpo_loss(PAIR[1], PAIR[0], PAIR[3], PAIR[2], beta=10.0)
+    assert swapped.item() > diffusion_dpo_loss(*PAIR, beta=10.0)[0].item()
 
 
-def test_gradient_at_initialisation_lowers_winner_error_and_raises_loser_error():
-    """At θ = ref, d loss / d policy_winner = β σ(0) / B > 0 and d loss / d policy_loser = −β σ(0) / B: gradient
-    descent pushes the winner's error down and the loser's up. The reference gets no gradient."""
-    beta, batch = 50.0, 2
-    policy_winner = torch.tensor([0.4, 0.5], requires_grad=True)
-    policy_loser = torch.tensor([0.6, 0.2], requires_grad=True)
-    reference_winner = policy_winner.detach().clone().requires_grad_(True)
-    reference_loser = policy_loser.detach().clone().requires_grad_(True)
-    loss, _ = diffusion_dpo_loss(policy_winner, policy_loser, reference_winner, reference_loser, beta)
-    loss.backward()
-    torch.testing.assert_close(policy_winner.grad, torch.full((batch,), beta * 0.5 / batch))
-    torch.testing.assert_close(policy_loser.grad, torch.full((batch,), -beta * 0.5 / batch))
-    assert reference_winner.grad is None and reference_loser.grad is None
+def test_offline_pso_matches_the_official_expression_without_a_half():
+    """ZichenMiao/Pairwise_Sample_Optimization (loss_type "pso"), neg_defactor λ = 0.1, β = 100:
+    model_diff = 0.10 − 0.1·0.20 = 0.08, ref_diff = 0.12 − 0.1·0.19 = 0.101, logits = ref_diff − model_diff = 0.021,
+    loss = −log σ(100 · 0.021) = log(1 + e^−2.1) = 0.115520."""
+    loss, stats = pso_offline_loss(*PAIR, beta=100.0, loser_weight=0.1)
+    assert math.isclose(loss.item(), 0.1155195232, rel_tol=1e-5), loss.item()
+    assert stats.accuracy.item() == 1.0 and math.isclose(stats.margin.item(), 0.021, rel_tol=1e-5)
+    # with λ = 1 the two forms differ only by the ½: PSO's β is Diffusion-DPO's β / 2
+    assert math.isclose(pso_offline_loss(*PAIR, beta=50.0, loser_weight=1.0)[0].item(),
+                        diffusion_dpo_loss(*PAIR, beta=100.0)[0].item(), rel_tol=1e-5)
 
 
 def _softplus(x: float) -> float:

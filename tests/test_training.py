@@ -15,7 +15,7 @@ from diffrl.checkpoint import list_checkpoints
 from diffrl.errors import NonFiniteError, UserInputError
 from diffrl.models import build_tiny_pipeline
 from diffrl.training import build_run, flat_config, load_prompts, log_grid_to_trackers, prompts_for_step, train
-from tests.fixtures import NanRewardBase, fast_config
+from tests.fixtures import NanRewardBase, assert_same_gradients, fast_config
 
 SHORT = ["train.steps=3", "log.checkpoint_every=2", "log.grid_every=2", "sample.num_steps=2", "sample.batch_size=2"]
 
@@ -204,7 +204,11 @@ def test_sharded_launches_are_refused_with_the_alternative(sharded):
 
 
 def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path):
-    """The same 4 prompts and noise give the same update whether seen at once or as 2 accumulated micro-batches."""
+    """The same 4 prompts and noise give the same gradient whether seen at once or as 2 accumulated micro-batches.
+
+    Compared through Adam's first moment after one step, 0.1·g: the weights themselves moved by lr·g/(|g| + ε),
+    blind to the gradient's scale and ill-conditioned where |g| is near ε (an element-wise weight tolerance failed
+    there on a busy machine). See tests.fixtures.SAME_GRADIENT_RTOL for the tolerance."""
     def lora_after(batch_size: int, accumulation: int, steps: int):
         config = fast_config("train.learning_rate=1.0e-2", f"sample.batch_size={batch_size}",
                              f"train.gradient_accumulation_steps={accumulation}", "train.max_grad_norm=1.0e6")
@@ -214,17 +218,11 @@ def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path):
             run.trainer.step(prompts_for_step(run.prompts, step, batch_size, seed=0))
         optimizer = run.state.optimizer.optimizer
         # Adam's update is blind to the gradient's scale; its first moment after one step (0.1 g) is not.
-        moments = [optimizer.state[p]["exp_avg"].clone() for p in optimizer.param_groups[0]["params"]]
-        weights = {n: p.detach().clone() for n, p in run.pipe.unet.named_parameters() if "lora_" in n}
-        return weights, moments
+        return [optimizer.state[p]["exp_avg"].clone() for p in optimizer.param_groups[0]["params"]]
 
-    (whole, whole_moments), (accumulated, accumulated_moments) = lora_after(4, 1, 1), lora_after(2, 2, 2)
-    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in whole.items() if "lora_B" in n)
-    for name in whole:
-        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6)
-    for got, expected in zip(accumulated_moments, whole_moments):
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-9)
-    assert max(m.abs().max() for m in whole_moments) > 0
+    whole, accumulated = lora_after(4, 1, 1), lora_after(2, 2, 2)
+    assert max(m.abs().max() for m in whole) > 0
+    assert_same_gradients(accumulated, whole)
 
 
 def test_tensorboard_tracker_gets_scalars_hparams_and_grid_images(tmp_path):
@@ -275,7 +273,11 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     (["model={tmp}/nowhere"], "unknown model"),
     (["train.attention=xformers"], "train.attention=xformers "),   # not installed here; on a CPU if it were
     (["sample.scheduler=euler"], "unknown sample.scheduler 'euler'"),
-    (["trainer=ddpo", "sample.scheduler=lcm"], "DDPO trains on every denoising step, so it needs sample.scheduler=ddim"),
+    (["trainer=ddpo", "sample.scheduler=lcm"], "DDPO trains the likelihoods of stochastic DDIM steps, so it needs "
+                                               "sample.scheduler=ddim"),
+    (["draft.truncation=uniform", "draft.truncation_min=50", "draft.truncation_max=60"],
+     "draft.truncation=uniform almost never draws"),
+    (["trainer=pso", "sample.scheduler=lcm", "pso.loser_weight=-1"], "pso.loser_weight must be non-negative"),
     (["trainer=pso", "sample.eta=0"], "online PSO compares the likelihoods of stochastic steps"),
     (["trainer=spin"], "spin.dataset is not set"),
     (["trainer=spin", "spin.dataset=assets/datasets/shapes", "spin.iterations=[{{learning_rate: 1, beta: 1, steps: 2}}]"],
@@ -320,7 +322,9 @@ def test_vae_slicing_decodes_image_by_image_to_the_same_images(tmp_path):
         assert run.pipe.vae.use_slicing is slicing
         with torch.no_grad():
             images.append(run.sampler.sample(prompts, generator=torch.Generator().manual_seed(0)).images)
-    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
+    # The decoder's kernels may sum in another order for batch 1 than for batch 3: float32 rounding through the VAE,
+    # ~1e-6 on images in [0, 1]; slices out of order or scaled twice move pixels by > 1e-2. atol 1e-4 between them.
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-4)
 
 
 def test_compile_compiles_the_unet_in_place_keeping_its_parameter_names(tmp_path):

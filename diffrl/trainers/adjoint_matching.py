@@ -144,6 +144,10 @@ def check_config(config: AdjointMatchingConfig, sampler: SDSampler, reward: Rewa
         got = f"eta={sampler.eta}" if sampler.scheduler_name == "ddim" else f"scheduler={sampler.scheduler_name}"
         raise UserInputError(f"Adjoint Matching needs the memoryless schedule, DDIM with eta = 1, to reach "
                              f"p_base·exp(λr); set sample.scheduler=ddim and sample.eta=1 (got sample.{got})")
+    if len(sampler.stochastic_steps) < sampler.num_steps:
+        raise UserInputError("Adjoint Matching divides the control by each step's σ, and this model's DDIM schedule "
+                             "ends on ᾱ = 1 (set_alpha_to_one), where σ = 0; set sample.schedule=adjoint_matching, "
+                             "the official schedule, whose final ᾱ keeps σ > 0")
     if config.cfg_mode == "none" and sampler.do_cfg:
         raise UserInputError("adjoint_matching.cfg_mode none samples without guidance; set sample.guidance_scale=1 "
                              "or choose cfg_mode trajectory_only")

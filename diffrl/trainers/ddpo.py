@@ -6,7 +6,8 @@ following the official kvablack/ddpo-pytorch. The baseline the other policy-grad
     1. Sample B trajectories with DDIM η = 1, CFG 5, 50 steps, storing log p_old(x_{t'} | x_t) of every step.
     2. Score the final images; the reward needs no gradient.
     3. Advantages per prompt: A = (r − mean_p) / (std_p + 1e-6) over the last 16 rewards of that prompt, the whole
-       (all-process) batch's statistics standing in until 16 have been seen; clipped to ±5.
+       (all-process) batch's statistics standing in until 16 have been seen; clipped to ±5. Without per-prompt
+       tracking, A = (r − mean) / (std + 1e-8) over the batch (official scripts/train.py line 435).
     4. Inner epochs of the PPO clipped surrogate mean(max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))), ε = 1e-4, over shuffled
        (trajectory, timestep) pairs, accumulating over the timesteps of each micro-batch (diffrl.trainers.ppo).
 Recipe values from the paper's code: LoRA lr 3e-4, DDIM η 1, CFG 5, 50 steps, clip 1e-4, advantage clip 5.
@@ -23,7 +24,7 @@ from torch import Tensor
 from diffrl.optimization import metrics_to_floats
 from diffrl.policy_gradient import PerPromptStatTracker
 from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic,
-                                 rollout, rollout_metrics, train_on_rollout, trained_slots)
+                                 rollout, rollout_metrics, stochastic_slots, train_on_rollout)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 @dataclass
 class DdpoConfig(ClippedSurrogateConfig):
     per_prompt_stat_tracking: bool = True  # normalise rewards per prompt (DDPO: on); off: by the batch's statistics
-    stat_buffer_size: int = 16             # rewards kept per prompt (DDPO: 16)
+    stat_buffer_size: int = 16             # rewards kept per prompt (DDPO base config: 16; its aesthetic run: 32)
     stat_min_count: int = 16               # rewards a prompt needs before its own statistics are used (DDPO: 16)
 
 
@@ -47,7 +48,7 @@ class DdpoTrainer:
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.generator = torch.Generator().manual_seed(config.seed)
         self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
-        optimization.set_backward_passes_per_micro_batch(trained_slots(config, sampler.num_steps))
+        optimization.set_backward_passes_per_micro_batch(stochastic_slots(sampler, config, "ddpo"))
 
     @staticmethod
     def optimizer_steps_per_step(config: Config) -> float:
@@ -72,7 +73,9 @@ class DdpoTrainer:
         if self.config.per_prompt_stat_tracking:
             advantages = self.stat_tracker.advantages(all_prompts, all_rewards)
         else:
-            advantages = (all_rewards - all_rewards.mean()) / (all_rewards.std(correction=0) + 1e-6)
+            # the official batch normalisation's ε is 1e-8 (scripts/train.py line 435 at commit 1958463), where its
+            # per-prompt tracker uses 1e-6 (ddpo_pytorch/stat_tracking.py lines 24, 27)
+            advantages = (all_rewards - all_rewards.mean()) / (all_rewards.std(correction=0) + 1e-8)
         start = accelerator.process_index * len(prompts)
         return advantages[start:start + len(prompts)]
 

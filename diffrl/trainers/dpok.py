@@ -4,8 +4,9 @@ Fan, Watkins, Du, Liu, Ryu, Boutilier, Abbeel, Ghavamzadeh, Lee, Lee. NeurIPS 20
 following the official google-research/dpok (train_online_pg.py), whose choices are kept where the paper is silent.
 
 Per round (one trainer step):
-    1. Roll out B trajectories with DDIM η = 1 and CFG; push every transition (x_t, x_{t'}, step, log p_old, final
-       reward, prompt, pooled text embedding) into a FIFO replay buffer of `buffer_size` transitions.
+    1. Roll out B trajectories with DDIM η = 1 and CFG; push every stochastic transition (x_t, x_{t'}, step,
+       log p_old, final reward, prompt, pooled text embedding) into a FIFO replay buffer of `buffer_size` transitions
+       (every transition when SD's set_alpha_to_one = False; a σ = 0 last step has no density and stays out).
     2. Value function: `v_step` accumulated micro-batches of `v_batch_size` random buffer transitions,
        loss MSE(V(x_t, text embedding, step), r), then one AdamW step (lr `v_lr`). V is learned on rewards
        standardised by the buffer's mean and std, V = mean + std · V_net (see Deviation).
@@ -15,9 +16,10 @@ Per round (one trainer step):
        ρ = p_θ / p_old of the stored transition, ε̂ the CFG-combined noise predictions, ε̂_ref the base model's
        (LoRA adapter disabled). The clamp without PPO's min is the official code's (`surrogate: clamp`); PPO's
        clipped objective is `surrogate: ppo`.
-Official defaults: α = 10, β = 0.01 for a single prompt; α = 1000, β = 0.1 for many prompts (recipes in
-assets/configs/); ε = 1e-4, buffer 1000, p_step 5, p_batch_size 2 × accumulation 12, v_step 5, v_batch_size 256,
-v_lr 1e-4, lr 1e-5, grad clip 0.1, LoRA rank 4.
+Official settings: the README's single-prompt command has α = 10, β = 0.01, p_batch_size 4, 10 rollouts per round
+(the argparse defaults are α = 100, p_batch_size 2); α = 1000, β = 0.1 for many prompts (recipes in assets/configs/);
+ε = 1e-4, buffer 1000, p_step 5, accumulation 12, v_step 5, v_batch_size 256, v_lr 1e-4, lr 1e-5, grad clip 0.1,
+LoRA rank 4. diffrl's defaults are the README's α and the argparse p_batch_size.
 Deviations: the value network regresses standardised rewards and starts at V_net = 0, i.e. at the buffer's mean
 reward. The official network regresses raw rewards from a random start; with ImageReward (std ≈ 1) that converges
 within a few rounds, but for a reward whose spread is small (brightness, std ≈ 0.004) its error stayed 100× the
@@ -51,14 +53,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class DpokConfig:
-    reward_weight: float = 10.0            # α, weight of the policy-gradient term (official: 10 single prompt, 1000 many)
+    reward_weight: float = 10.0            # α of the policy-gradient term (official README: 10 single prompt, 1000
+    #                                        many; train_online_pg.py's argparse default is 100)
     kl_weight: float = 0.01                # β, weight of mean((ε̂_θ − ε̂_ref)²) (official: 0.01 single, 0.1 many)
     kl_warmup: int = 0                     # rounds at the start without the KL term (official: none)
     clip_range: float = 1e-4               # ε of the ratio clamp (official: 1e-4)
     surrogate: Literal["clamp", "ppo"] = "clamp"  # clamp: official −A·clamp(ρ); ppo: PPO's max(−Aρ, −A·clip(ρ))
     buffer_size: int = 1000                # transitions kept in the FIFO replay buffer (official: 1000)
     p_step: int = 5                        # policy optimiser steps per round (official: 5)
-    p_batch_size: int = 2                  # transitions per policy micro-batch (official: 2, × accumulation 12)
+    p_batch_size: int = 2                  # transitions per policy micro-batch (official argparse: 2; README: 4)
     value_network: bool = True             # learn V as a baseline (official: on); off: A = r
     v_step: int = 5                        # value micro-batches per round, one value step (official: 5)
     v_batch_size: int = 256                # transitions per value micro-batch (official: 256)
@@ -95,7 +98,8 @@ class DpokTrainer:
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         traj, rewards, components = rollout(self.sampler, self.reward, prompts)               # step 1
-        self.buffer.add(traj, rewards, pooled_text_embeddings(self.sampler.pipe, prompts))
+        self.buffer.add(traj, rewards, pooled_text_embeddings(self.sampler.pipe, prompts),
+                        self.sampler.stochastic_steps)
         metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
                    **{f"reward/{name}": value.float().mean() for name, value in components.items()}}
         if self.value_net is not None:
@@ -203,14 +207,16 @@ class TransitionBuffer:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def add(self, traj: Trajectory, rewards: Tensor, text_embeds: Tensor) -> None:
-        """Every transition of the batch, step-major (all of step 0, then step 1, ...), as the official code does."""
-        batch, num_steps = len(traj), traj.num_steps
+    def add(self, traj: Trajectory, rewards: Tensor, text_embeds: Tensor, steps: list[int]) -> None:
+        """The batch's transitions at ``steps`` (the sampler's stochastic steps: a step with σ = 0 has no density),
+        step-major (all of the first step, then the next, ...), as the official code adds every step."""
+        batch, num_steps = len(traj), len(steps)
+        index = torch.tensor(steps, device=traj.latents.device)
         new = {
-            "states": traj.latents[:, :-1].transpose(0, 1).flatten(0, 1),
-            "next_states": traj.latents[:, 1:].transpose(0, 1).flatten(0, 1),
-            "steps": torch.arange(num_steps, device=traj.latents.device).repeat_interleave(batch),
-            "log_probs": traj.log_probs.transpose(0, 1).flatten(),
+            "states": traj.latents[:, index].transpose(0, 1).flatten(0, 1),
+            "next_states": traj.latents[:, index + 1].transpose(0, 1).flatten(0, 1),
+            "steps": index.repeat_interleave(batch),
+            "log_probs": traj.log_probs[:, index].transpose(0, 1).flatten(),
             "rewards": rewards.float().repeat(num_steps),
             "text_embeds": text_embeds.float().repeat(num_steps, 1),
         }

@@ -15,6 +15,7 @@ randomised truncation of AlignProp (Prabhudesai et al., arXiv 2310.03739) and th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # the config class must import without diffusers (config pars
     from diffrl.sampler import SDSampler
 
 PAPER_STEPS = 50  # AlignProp's truncation settings are given on a 50-step schedule; rescaled to num_steps
+MIN_ACCEPTANCE = 0.01  # a random truncation whose draws land in [1, T − 1] less often than this is refused
 
 
 @dataclass
@@ -39,10 +41,10 @@ class DraftConfig:
     k: int = 1                    # differentiable last steps K; K = num_steps is full DRaFT (DRaFT paper: K=1)
     lv_samples: int = 0           # DRaFT-LV re-noised copies n of x0 (paper: n=2); 0 = off; needs k = 1
     truncation: Literal["fixed", "uniform", "gaussian"] = "fixed"  # fixed: K = k; else AlignProp's random start
-    truncation_min: int = 35      # uniform: first differentiable step drawn from [min, max] of 50 (AlignProp: 35, 45)
-    truncation_max: int = 45      # uniform: upper end of that range, on a 50-step scale (AlignProp)
-    truncation_mean: float = 42.0  # gaussian: mean first differentiable step, on a 50-step scale
-    truncation_std: float = 5.0   # gaussian: its standard deviation, on a 50-step scale
+    truncation_min: int = 0       # uniform: first differentiable step b ~ randint(min, max) of 50 (AlignProp: 0)
+    truncation_max: int = 50      # uniform: exclusive upper end of that draw, on a 50-step scale (AlignProp: 50)
+    truncation_mean: float = 42.0  # gaussian: b = int(N(mean, std)) on a 50-step scale (AlignProp: 42)
+    truncation_std: float = 5.0   # gaussian: its standard deviation, on a 50-step scale (AlignProp: 5)
     kl_coeff: float = 0.0         # DRaFT+ weight of mean((ε_θ − ε_ref)²) over the differentiable steps; 0 = off
     seed: int = 0                 # seed of the trainer's own random draws (truncation K, DRaFT-LV noise)
 
@@ -66,6 +68,12 @@ class DraftTrainer:
                                  "set sample.scheduler=ddim")
         if config.lv_samples < 0 or config.kl_coeff < 0:
             raise UserInputError("draft.lv_samples and draft.kl_coeff must be non-negative")
+        if config.truncation != "fixed" and truncation_acceptance(config, sampler.num_steps) < MIN_ACCEPTANCE:
+            raise UserInputError(
+                f"draft.truncation={config.truncation} almost never draws a first differentiable step in [1, "
+                f"{sampler.num_steps - 1}] with these settings (on a 50-step scale: min {config.truncation_min}, max "
+                f"{config.truncation_max}, mean {config.truncation_mean}, std {config.truncation_std}); it needs "
+                "sample.num_steps >= 2 and a range inside (0, 50)")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.generator = torch.Generator().manual_seed(config.seed)
 
@@ -96,16 +104,24 @@ class DraftTrainer:
         return metrics_to_floats(metrics)
 
     def num_grad_steps(self) -> int:
-        """K for this step: fixed, or T − s with AlignProp's random first differentiable step s."""
+        """K for this step: fixed, or K = T − b with AlignProp's random first differentiable step b.
+
+        AlignProp (mihirp1998/AlignProp, sd_pipeline.py lines 124-132 at commit b22918a) draws b = int(N(42, 5)) or
+        b = randint(0, 50) and draws again until 1 ≤ b ≤ T − 1; steps i ≥ b then keep their UNet call's graph, so
+        K = T − b ∈ [1, T − 1]. On T = 50 diffrl draws exactly that; on another T the 50-step draw s is rescaled,
+        b = ⌊s · T / 50⌋, before the same acceptance test. (int() truncates toward 0, which for s ≥ 1 is ⌊s⌋.)
+        """
         config, T = self.config, self.sampler.num_steps
         if config.truncation == "fixed":
             return config.k
-        if config.truncation == "uniform":
-            start = torch.randint(config.truncation_min, config.truncation_max + 1, (), generator=self.generator)
-        else:
-            start = config.truncation_mean + config.truncation_std * torch.randn((), generator=self.generator)
-        start_step = round(float(start) * T / PAPER_STEPS)
-        return min(max(T - start_step, 1), T)
+        while True:
+            if config.truncation == "uniform":
+                draw = torch.randint(config.truncation_min, config.truncation_max, (), generator=self.generator)
+            else:
+                draw = config.truncation_mean + config.truncation_std * torch.randn((), generator=self.generator)
+            start = int(float(draw)) * T // PAPER_STEPS
+            if 1 <= start <= T - 1:
+                return T - start
 
     def _lv_loss(self, prompts: list[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """DRaFT-LV: n re-noised copies of x_0 denoised by the last step with grad, batched into one UNet call."""
@@ -137,3 +153,19 @@ class DraftTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def truncation_acceptance(config: DraftConfig, num_steps: int) -> float:
+    """The probability that one draw of the random truncation is accepted, i.e. b = ⌊s · T / 50⌋ ∈ [1, T − 1]:
+    for integer s that is s ∈ [⌈50 / T⌉, 49] (none when T < 2)."""
+    if num_steps < 2:
+        return 0.0
+    low, high = math.ceil(PAPER_STEPS / num_steps), PAPER_STEPS - 1
+    if config.truncation == "uniform":
+        count = max(config.truncation_max - config.truncation_min, 0)
+        accepted = max(min(high, config.truncation_max - 1) - max(low, config.truncation_min) + 1, 0)
+        return accepted / count if count else 0.0
+    if config.truncation_std <= 0:
+        return float(low <= config.truncation_mean < high + 1)
+    normal = torch.distributions.Normal(config.truncation_mean, config.truncation_std)
+    return float(normal.cdf(torch.tensor(high + 1.0)) - normal.cdf(torch.tensor(float(low))))

@@ -26,7 +26,7 @@ from diffrl.errors import UserInputError
 from diffrl.optimization import metrics_to_floats
 from diffrl.policy_gradient import leave_one_out_advantages
 from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic,
-                                 rollout, rollout_metrics, train_on_rollout, trained_slots)
+                                 rollout, rollout_metrics, stochastic_slots, train_on_rollout)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class LoopTrainer:
                                  f"got {config.samples_per_prompt}")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.generator = torch.Generator().manual_seed(config.seed)
-        optimization.set_backward_passes_per_micro_batch(trained_slots(config, sampler.num_steps))
+        optimization.set_backward_passes_per_micro_batch(stochastic_slots(sampler, config, "loop"))
 
     @staticmethod
     def optimizer_steps_per_step(config: Config) -> float:

@@ -1,5 +1,6 @@
 """What the image-pair preference trainers share (SPIN-Diffusion, offline PSO): the dataset as cached latents, images
-generated once per record and cached on disk, and one Diffusion-DPO update on (winner, loser) latent pairs.
+generated once per record and cached on disk, and one update of a Diffusion-DPO-family loss on (winner, loser) latent
+pairs.
 
 Generated latents are a pure function of (weights, seed, record index): each record's initial noise comes from its
 own seeded generator, so a cache rebuilt after a crash, or on another number of processes, holds the same images.
@@ -18,13 +19,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.preference import denoising_errors, diffusion_dpo_loss
+from diffrl.preference import PreferenceStats, denoising_errors
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
+
+
+PreferenceLoss = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, PreferenceStats]]
 
 
 @dataclass
@@ -153,9 +157,11 @@ def score_latents(sampler: SDSampler, reward, latents: Tensor, prompts: list[str
 
 
 def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, losers: Tensor, prompts: list[str],
-               timesteps: Tensor, beta: float, *, shared_noise: bool, generator: torch.Generator,
+               timesteps: Tensor, preference_loss: PreferenceLoss, *, shared_noise: bool, generator: torch.Generator,
                reference: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, Tensor]:
-    """One micro-batch of the Diffusion-DPO loss (diffrl.preference) on B (winner, loser) latent pairs.
+    """One micro-batch of a Diffusion-DPO-family loss on B (winner, loser) latent pairs: ``preference_loss`` maps the
+    [B] denoising errors (policy winner, policy loser, reference winner, reference loser) to the loss and its stats
+    (diffrl.preference: ``diffusion_dpo_loss`` for SPIN, ``pso_offline_loss`` for offline PSO, β bound).
 
     Both members of pair b are noised to timestep ``timesteps[b]`` (shared noise by default, Diffusion-DPO's form);
     the policy sees the 2B noisy latents in one UNet call with grad, the reference in one call without.
@@ -176,8 +182,8 @@ def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, 
     with optimization.accumulate():
         policy_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds))
         half = len(winners)
-        loss, stats = diffusion_dpo_loss(policy_errors[:half], policy_errors[half:], reference_errors[:half],
-                                         reference_errors[half:], beta)
+        loss, stats = preference_loss(policy_errors[:half], policy_errors[half:], reference_errors[:half],
+                                      reference_errors[half:])
         grad_norm = optimization.step(loss)
     metrics = {"loss": loss.detach(), "preference_accuracy": stats.accuracy, "implicit_margin": stats.margin,
                "winner_error": policy_errors[:half].detach().mean(), "loser_error": policy_errors[half:].detach().mean()}

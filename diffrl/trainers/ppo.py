@@ -7,9 +7,11 @@ arXiv 2503.00897) differ only in how rewards become advantages. What both do, an
        without building a graph, so any reward works, differentiable or not.
     2. (the trainer's own advantages A, one per trajectory, shared by all its steps; clipped to ±adv_clip_max)
     3. For each inner epoch: shuffle the trajectories and draw, for each trajectory separately, a random subset of
-       ⌊T · timestep_fraction⌋ of its steps. For each micro-batch of `train_batch_size` trajectories and each drawn
-       slot j, recompute log p_θ(x_{t'} | x_t) with CFG in one batched UNet call (every row at its own timestep) and
-       minimise PPO's clipped surrogate. Gradients accumulate over the slots and over
+       ⌊S · timestep_fraction⌋ of its S stochastic steps (all T steps of DDIM with η > 0, except a last step with
+       σ = 0 when the scheduler sets ᾱ to 1 there: that step has no density, and DDPO's official code never meets
+       it because SD's scheduler config has set_alpha_to_one = False). For each micro-batch of `train_batch_size`
+       trajectories and each drawn slot j, recompute log p_θ(x_{t'} | x_t) with CFG in one batched UNet call (every
+       row at its own timestep) and minimise PPO's clipped surrogate. Gradients accumulate over the slots and over
        `train.gradient_accumulation_steps` micro-batches before each optimiser step (DDPO's accumulation rule).
 """
 
@@ -43,7 +45,8 @@ class ClippedSurrogateConfig:
 
 
 def trained_slots(config: ClippedSurrogateConfig, num_steps: int) -> int:
-    """How many of its steps each trajectory trains per epoch: ⌊T · timestep_fraction⌋, as in DDPO."""
+    """How many of its ``num_steps`` stochastic steps each trajectory trains per epoch: ⌊S · timestep_fraction⌋,
+    as DDPO's ⌊T · timestep_fraction⌋ (scripts/train.py: num_train_timesteps) when every step is stochastic."""
     return int(num_steps * config.timestep_fraction)
 
 
@@ -68,14 +71,31 @@ def optimizer_steps_per_rollout(config: ClippedSurrogateConfig, section: str, nu
 
 
 def require_stochastic(sampler: SDSampler, method: str) -> None:
-    """The policy-gradient trainers train every step of stochastic DDIM; few-step samplers end deterministic."""
+    """The policy-gradient trainers train the stochastic steps of DDIM with η > 0."""
     if sampler.scheduler_name != "ddim":
-        raise UserInputError(f"{method} trains on every denoising step, so it needs sample.scheduler=ddim with "
-                             f"sample.eta > 0; {sampler.scheduler_name}'s last step is deterministic or not "
-                             "recomputable (few-step students train with trainer=pso)")
-    if sampler.eta <= 0:
+        raise UserInputError(f"{method} trains the likelihoods of stochastic DDIM steps, so it needs "
+                             f"sample.scheduler=ddim with sample.eta > 0, not {sampler.scheduler_name} "
+                             "(few-step students train with trainer=pso)")
+    if sampler.eta <= 0 or not sampler.stochastic_steps:
         raise UserInputError(f"{method} optimises the likelihood of stochastic steps: set sample.eta > 0 "
                              "(the paper uses 1.0); with eta = 0 the sampler has no log-probabilities")
+
+
+def stochastic_slots(sampler: SDSampler, config: ClippedSurrogateConfig, section: str) -> int:
+    """Backward passes per trajectory and epoch (⌊S · timestep_fraction⌋), refused when that leaves none."""
+    slots = trained_slots(config, len(sampler.stochastic_steps))
+    if slots < 1:
+        raise UserInputError(f"{section}.timestep_fraction={config.timestep_fraction} leaves none of the sampler's "
+                             f"{len(sampler.stochastic_steps)} stochastic steps to train")
+    return slots
+
+
+def stochastic_step_draws(sampler: SDSampler, config: ClippedSurrogateConfig, rows: int,
+                          generator: torch.Generator) -> Tensor:
+    """[rows, slots] step indices: for each trajectory a random subset of the sampler's stochastic steps."""
+    stochastic = torch.tensor(sampler.stochastic_steps)
+    slots = trained_slots(config, len(stochastic))
+    return stochastic[torch.stack([torch.randperm(len(stochastic), generator=generator)[:slots] for _ in range(rows)])]
 
 
 @torch.no_grad()
@@ -89,19 +109,19 @@ def rollout(sampler: SDSampler, reward: Reward, prompts: list[str]) -> tuple[Tra
 def train_on_rollout(traj: Trajectory, advantages: Tensor, *, sampler: SDSampler, optimization: Optimization,
                      config: ClippedSurrogateConfig, generator: torch.Generator) -> dict[str, Tensor]:
     """Step 3: the inner epochs. Returns the mean surrogate loss, approx-KL, clip fraction and grad norm."""
-    n, num_steps, device = len(traj), traj.num_steps, traj.latents.device
-    slots, batch = trained_slots(config, num_steps), config.train_batch_size or n
+    n, device = len(traj), traj.latents.device
+    batch = config.train_batch_size or n
     if config.adv_clip_max is not None:
         advantages = advantages.clamp(-config.adv_clip_max, config.adv_clip_max)
     conditioning, negative = traj.conditioning, traj.negative_conditioning
     losses, approx_kls, clip_fractions, grad_norms = [], [], [], []
     for _ in range(config.inner_epochs):
         order = torch.randperm(n, generator=generator)
-        steps = torch.stack([torch.randperm(num_steps, generator=generator)[:slots] for _ in range(n)])
+        steps = stochastic_step_draws(sampler, config, n, generator)
         for start in range(0, n, batch):
             rows = order[start:start + batch]
             rows_on_device = rows.to(device)
-            for slot in range(slots):
+            for slot in range(steps.shape[1]):
                 i = steps[rows, slot].to(device)
                 with optimization.accumulate():
                     log_probs, _ = sampler.transition_log_prob(

@@ -25,6 +25,7 @@ sample of the batch's prompts each step, which costs only the student's 1-4 UNet
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from diffrl.errors import UserInputError
 from diffrl.optimization import metrics_to_floats, reward_metrics
-from diffrl.preference import pso_online_loss
+from diffrl.preference import pso_offline_loss, pso_online_loss
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
                                    load_pair_dataset, record_batch, record_seed)
 from rewards import Reward, score
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 @dataclass
 class PsoConfig(PairDatasetConfig):
     mode: Literal["online", "offline"] = "online"  # online: reward-ranked pairs of own samples; offline: dataset
-    beta: float | None = None              # None: 50 online (PSO), 5000 offline (Diffusion-DPO's SD setting)
+    beta: float | None = None              # None: official 50 online; 200 offline (`--beta_pso`; no ½, see above)
+    loser_weight: float = 0.1              # offline λ: diff = e(w) − λ e(l) (official `--neg_defactor` 0.1)
     ratio_clamp: list[float] = field(default_factory=lambda: [0.9, 1.1])  # online per-step likelihood-ratio clamp
     shared_noise: bool = True              # offline: both members of a pair get the same ε (Diffusion-DPO)
     seed: int = 0                          # seed of the trainer's own draws (offline timesteps and noise)
@@ -66,8 +68,10 @@ class PsoTrainer:
         sampler.require_transitions("PSO")
         if len(config.ratio_clamp) != 2 or not 0 < config.ratio_clamp[0] < 1 < config.ratio_clamp[1]:
             raise UserInputError(f"pso.ratio_clamp must be [low, high] with 0 < low < 1 < high, got {config.ratio_clamp}")
+        if config.loser_weight < 0:
+            raise UserInputError(f"pso.loser_weight must be non-negative, got {config.loser_weight}")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
-        self.beta = config.beta if config.beta is not None else (50.0 if config.mode == "online" else 5000.0)
+        self.beta = config.beta if config.beta is not None else (50.0 if config.mode == "online" else 200.0)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps_done, self.run_dir = 0, run_dir
         if config.mode == "online":
@@ -131,8 +135,9 @@ class PsoTrainer:
         indices = record_batch(len(dataset.prompts), self.steps_done, batch_size, self.config.seed)
         prompts = [dataset.prompts[i] for i in indices]
         timesteps = self.grid[torch.randint(len(self.grid), (len(indices),), generator=self.generator)]
+        loss = functools.partial(pso_offline_loss, beta=self.beta, loser_weight=self.config.loser_weight)
         metrics = dpo_update(sampler, self.optimization, dataset.latents[indices], self.reference_latents[indices],
-                             prompts, timesteps, self.beta, shared_noise=self.config.shared_noise,
+                             prompts, timesteps, loss, shared_noise=self.config.shared_noise,
                              generator=self.generator)                                              # step 2
         with torch.no_grad():
             rewards, components = score(self.reward, sampler.sample(prompts).images, prompts)

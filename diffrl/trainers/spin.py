@@ -9,8 +9,9 @@ Yuan, Chen, Chen, Gu. NeurIPS 2024, arXiv 2402.10210. Needs real (prompt, image)
         2. θ_{k-1} is frozen as the reference; θ_k starts from it with a fresh AdamW state.
         3. Each step, B records: winner = the real image, loser = the opponent image of the same prompt, both noised
            (shared ε by default) to one timestep t ~ U{0, ..., 999}; minimise the Diffusion-DPO-form loss
-           −log σ(−β[(‖ε − ε_θ(x^w_t)‖² − ‖ε − ε_ref(x^w_t)‖²) − (‖ε − ε_θ(x^l_t)‖² − ‖ε − ε_ref(x^l_t)‖²)])
-           with errors averaged over latent elements (diffrl.preference), so β is on the paper's 2000-5000 scale.
+           −log σ(−½β[(‖ε − ε_θ(x^w_t)‖² − ‖ε − ε_ref(x^w_t)‖²) − (‖ε − ε_θ(x^l_t)‖² − ‖ε − ε_ref(x^l_t)‖²)])
+           with errors averaged over latent elements: Diffusion-DPO's official form with its ½
+           (diffrl.preference.diffusion_dpo_loss), so β is on the paper's 2000-5000 scale.
 Paper presets (lr / β / steps): 2e-5 / 2000 / 50, 2e-5 / 5000 / 500, 5e-8 / 5000 / 200 (the default iterations).
 Choices the paper leaves open: shared noise within a pair (the paper is ambiguous: `shared_noise`); AdamW restarts each
 iteration, as a new run from θ_{k-1} would; the frozen θ_{k-1} is the same UNet with its LoRA values swapped in for
@@ -20,6 +21,7 @@ images (the samples of θ_{k-1}), scored once per iteration: SPIN samples nothin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 
 from diffrl.errors import UserInputError
 from diffrl.optimization import metrics_to_floats, reward_metrics
+from diffrl.preference import diffusion_dpo_loss
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
                                    load_pair_dataset, lora_values, record_batch, record_seed,
                                    records_of_steps, score_latents)
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 @dataclass
 class SpinIteration:
     learning_rate: float                   # AdamW learning rate of this iteration (replaces train.learning_rate)
-    beta: float                            # β of the Diffusion-DPO-form loss
+    beta: float                            # β of −log σ(−½β(model_diff − ref_diff)), errors = means over elements
     steps: int                             # trainer steps of this iteration
 
 
@@ -111,7 +114,8 @@ class SpinTrainer:
         timesteps = torch.randint(self.sampler.scheduler.config.num_train_timesteps, (len(indices),),
                                   generator=self.generator)
         metrics = dpo_update(self.sampler, self.optimization, dataset.latents[indices], self.opponents[rows],
-                             [dataset.prompts[i] for i in indices], timesteps, iteration.beta,
+                             [dataset.prompts[i] for i in indices], timesteps,
+                             functools.partial(diffusion_dpo_loss, beta=iteration.beta),
                              shared_noise=self.config.shared_noise, generator=self.generator,
                              reference=lambda: lora_values(self.optimization.params, self.frozen))      # step 3
         self.steps_done += 1

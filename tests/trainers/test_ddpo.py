@@ -29,6 +29,10 @@ def test_batch_normalisation_without_stat_tracking(tmp_path):
     # [1, 2, 3, 6]: mean 3, population std √3.5 = 1.8708
     advantages = trainer.advantages(["a", "a", "b", "b"], torch.tensor([1.0, 2.0, 3.0, 6.0]))
     torch.testing.assert_close(advantages, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / 3.5**0.5, atol=1e-5, rtol=0)
+    # the official ε (scripts/train.py: rewards.std() + 1e-8) shows on a spread of 1e-6: std 5e-7 gives
+    # ±5e-7 / (5e-7 + 1e-8) = ±0.98039 (with the tracker's 1e-6 it would be ±0.3333)
+    tiny = trainer.advantages(["a", "b"], torch.tensor([0.0, 1e-6], dtype=torch.float64)).float()
+    torch.testing.assert_close(tiny, torch.tensor([-1.0, 1.0]) * 5e-7 / (5e-7 + 1e-8), atol=1e-4, rtol=0)
 
 
 def test_state_dict_round_trip_restores_shuffles_and_prompt_history(tmp_path):

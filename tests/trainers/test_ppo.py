@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+import diffrl.trainers.dpok as dpok
 import diffrl.trainers.ppo as ppo
 from diffrl.errors import UserInputError
 from diffrl.policy_gradient import ppo_clipped_loss
 from diffrl.training import build_run, prompts_for_step
-from tests.fixtures import fast_config
+from tests.fixtures import RECOMPUTE_ATOL, assert_same_gradients, fast_config
 
 STOCHASTIC = ["sample.eta=1.0"]
 PROMPTS = ["a red circle", "a blue square", "a red circle", "a green tree"]
@@ -59,9 +62,38 @@ def test_first_inner_update_starts_on_policy(tmp_path, monkeypatch, trainer, ove
     slots = run.config.sample.num_steps
     assert len(recorder.ratios) == 2 * slots          # 2 epochs × 1 micro-batch × 4 timesteps
     first_epoch, second_epoch = torch.cat(recorder.ratios[:slots]), torch.cat(recorder.ratios[slots:])
-    # Rows are recomputed in another batch composition (each at its own timestep); float32 agrees to ~1e-7.
-    torch.testing.assert_close(first_epoch, torch.ones_like(first_epoch), rtol=0, atol=1e-6)
+    torch.testing.assert_close(first_epoch, torch.ones_like(first_epoch), rtol=0, atol=RECOMPUTE_ATOL)
     assert (second_epoch - 1).abs().max() > 1e-5       # the first epoch's step moved the policy
+
+
+@pytest.mark.parametrize("trainer", ["ddpo", "loop", "dpok"])
+def test_deterministic_last_step_is_never_trained(tmp_path, monkeypatch, alpha_one_model, trainer):
+    """With a σ = 0 last step (set_alpha_to_one) the trainers train only the sampler's stochastic steps: the loss is
+    finite, step 3 of 4 is never recomputed, and the first update starts at ρ = 1. (Drawing the last step made its
+    log-prob −inf and the loss NaN.)"""
+    recorder = SurrogateRecorder()
+    monkeypatch.setattr(ppo, "ppo_clipped_loss", recorder)
+    monkeypatch.setattr(dpok, "clamped_ratio_loss", recorder)
+    run = _run(tmp_path, trainer, f"model={alpha_one_model}", "sample.batch_size=2", "loop.samples_per_prompt=2",
+               "dpok.v_batch_size=8")
+    assert run.sampler.stochastic_steps == [0, 1, 2]
+    recomputed_steps = []
+    transition_log_prob = run.sampler.transition_log_prob
+
+    def recording(latents, next_latents, i, *args, **kwargs):
+        recomputed_steps.extend(torch.as_tensor(i).flatten().tolist())
+        return transition_log_prob(latents, next_latents, i, *args, **kwargs)
+
+    monkeypatch.setattr(run.sampler, "transition_log_prob", recording)
+    metrics = run.trainer.step(PROMPTS[:2])
+    assert all(math.isfinite(value) for value in metrics.values()), metrics
+    assert recomputed_steps and set(recomputed_steps) <= {0, 1, 2}
+    if trainer == "dpok":
+        assert set(run.trainer.buffer.steps.tolist()) == {0, 1, 2}
+    else:
+        assert set(recomputed_steps) == {0, 1, 2}            # every stochastic step, once per trajectory
+    first = recorder.ratios[0]                               # before any optimiser step
+    torch.testing.assert_close(first, torch.ones_like(first), rtol=0, atol=RECOMPUTE_ATOL)
 
 
 def test_optimizer_steps_follow_epochs_micro_batches_and_accumulation(tmp_path, monkeypatch):
@@ -92,8 +124,7 @@ def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path):
 
     whole, accumulated = after_one_step(4, 1), after_one_step(2, 2)
     assert max(m.abs().max() for m in whole) > 0
-    for got, expected in zip(accumulated, whole):
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-9)
+    assert_same_gradients(accumulated, whole)
 
 
 @pytest.mark.parametrize("trainer", ["ddpo", "loop", "dpok"])
