@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffrl.atomic_files import write_text_atomic
 from diffrl.checkpoint import STEP_PATTERN, list_checkpoints
 from diffrl.config import Config, SampleConfig, load_config
 from diffrl.diversity import DiversityMetrics, build_diversity_metrics, mean_and_standard_error
@@ -320,8 +321,8 @@ def write_evaluation(evaluation: Evaluation, output_dir: Path) -> list[Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / name for name in ("eval.json", "eval.csv", "tradeoff.png", "grid.png")]
-    _write_atomic(paths[0], json.dumps(evaluation.as_json(), indent=2) + "\n")
-    _write_atomic(paths[1], _csv_text(evaluation.rows))
+    write_text_atomic(paths[0], json.dumps(evaluation.as_json(), indent=2) + "\n")
+    write_text_atomic(paths[1], _csv_text(evaluation.rows))
     save_image_atomic(plot_tradeoff(evaluation.rows), paths[2])
     save_image_atomic(evaluation.grid, paths[3])
     return paths
@@ -344,12 +345,6 @@ def _csv_text(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(table)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -29,11 +29,16 @@ def euler_x0(output: Tensor, sample: Tensor, sigma: Tensor, prediction_type: str
     raise ValueError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
 
 
+def euler_sigma_up(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """σ_up = √(σ'² (σ² − σ'²) / σ²): the fresh noise of an ancestral step from σ to σ' (0 when σ' = 0)."""
+    return (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+
+
 def euler_ancestral_transition(output: Tensor, sample: Tensor, sigma: Tensor, sigma_next: Tensor,
                                prediction_type: str) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, std, ε̂) of one Euler-ancestral step from σ to σ'; ε̂ = d, the ODE's derivative, is the noise estimate."""
     x0 = euler_x0(output, sample, sigma, prediction_type)
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_up = euler_sigma_up(sigma, sigma_next)
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
     derivative = (sample - x0) / sigma
     return sample + derivative * (sigma_down - sigma), sigma_up, derivative

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from diffrl.atomic_files import atomic_path
+
 MIN_CELL = 128  # tiny models make 32 px images; enlarge them (nearest) so that people can see them
 FONT_SIZE_PER_CELL_WIDTH = 1 / 18  # about 32 characters span one cell at any image size: readable at a glance
 MIN_FONT_SIZE = 10
@@ -80,6 +82,5 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
 def save_image_atomic(image: Image.Image, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

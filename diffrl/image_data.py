@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from diffrl.atomic_files import atomic_path
 from diffrl.errors import UserInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -267,7 +268,6 @@ def encode_latents(records: list[ImageRecord], vae, resolution: int, cache_dir: 
     latents = torch.cat(parts)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_suffix(".tmp")
-        save_file({"latents": latents.contiguous()}, str(temporary))
-        os.replace(temporary, cache)   # atomic: a killed run never leaves a half-written cache behind
+        with atomic_path(cache) as tmp:   # a killed run never leaves a half-written cache behind
+            save_file({"latents": latents.contiguous()}, str(tmp))
     return latents

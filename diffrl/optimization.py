@@ -14,6 +14,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+
 # fp16 loss scaling halves its scale at each overflow, from 2^16: after this many skipped updates in a row the scale
 # is 2^-4, so it is the gradients themselves that overflow float16, and the run would go on without ever updating.
 MAX_CONSECUTIVE_SCALER_SKIPS = 20
@@ -91,21 +92,3 @@ class Optimization:
             group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor
         scheduler._last_lr = [group["lr"] for group in groups]
 
-    @property
-    def learning_rate(self) -> float:
-        return self.lr_scheduler.get_last_lr()[0]
-
-
-def reward_metrics(rewards: Tensor, components: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """reward_mean, reward_std and each mixed reward's reward/<name> mean, still on the device."""
-    rewards = rewards.float()
-    return {"reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
-            **{f"reward/{name}": value.float().mean() for name, value in (components or {}).items()}}
-
-
-def metrics_to_floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
-    """Read a step's metrics off the device in one transfer (one host-device sync per step, not one per metric)."""
-    device = next((value.device for value in metrics.values() if torch.is_tensor(value)), torch.device("cpu"))
-    values = torch.stack([torch.as_tensor(value, dtype=torch.float32, device=device).detach().reshape(())
-                          for value in metrics.values()])
-    return dict(zip(metrics, values.tolist()))

@@ -13,9 +13,10 @@ import csv
 import html
 import io
 import json
-import os
 from datetime import datetime
 from pathlib import Path
+
+from diffrl.atomic_files import write_text_atomic
 
 REPORT_NAME = "report.html"
 MAX_GRIDS = 3        # newest grids shown; older ones stay in grids/ (each one adds ~100-300 KB to the page)
@@ -50,7 +51,7 @@ def write_report(run_dir: str | Path, evaluation_dir: str | Path | None = None) 
         sections.append(_evaluation_section(Path(evaluation_dir)))
     sections.append(_config_section(run_dir))  # last: long, and read after the results
     path = run_dir / REPORT_NAME
-    _write_text_atomic(path, _page(f"diffrl run {run_dir.resolve().name}", sections))
+    write_text_atomic(path, _page(f"diffrl run {run_dir.resolve().name}", sections))
     return path
 
 
@@ -182,13 +183,3 @@ def _number(value) -> str:
 
 def _step_of(path: Path) -> int:
     return int(path.stem.removeprefix("step-"))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is an atomic rename
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -5,7 +5,8 @@ SDSampler runs its own denoising loop over the pipeline's components (no copied 
 record every latent and per-step log-probability, build the autograd graph through only the last K steps, and recompute
 any step under the current weights. With the same initial latents and generator its images equal the pipeline's with
 the same scheduler (DDIMScheduler at any eta, EulerAncestralDiscreteScheduler, LCMScheduler), because every step is
-computed as diffusers computes it and the random draws come in the same order.
+computed as diffusers computes it and the random draws come in the same order. The arithmetic of each kind of step
+lives in its transition kernel (diffrl.transitions); this module runs the denoiser, guidance and the loop.
 
 SDXL's extra conditioning (pooled text embedding, micro-conditioning time ids) travels in a TextConditioning next to
 the text embeddings, through batched classifier-free guidance and every recomputed step, so trainers are the same code
@@ -19,15 +20,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.errors import UserInputError, unknown_name
-from diffrl.few_step import (euler_ancestral_transition, lcm_boundary_scalings, lcm_step_tables,
-                             lcm_transition)
-from diffrl.gaussian import ddim_mean, ddim_std, gaussian_log_prob, x0_eps_from_model_output
+from diffrl.gaussian import gaussian_log_prob, x0_eps_from_model_output
+from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel, per_step
 from diffrl.trajectory import TextConditioning, Trajectory
 
 Conditioning = Tensor | TextConditioning  # a bare [B, L, D] tensor is enough for SD 1.x/2.x
@@ -42,8 +42,8 @@ class Sampler(Protocol):
 
 
 @dataclass
-class DDIMStep:
-    """One transition x_t -> x_{t'} ~ N(mean, std² I)."""
+class TransitionStep:
+    """One transition x_t -> x_{t'} ~ N(mean, std² I), of any kernel (DDIM, Euler ancestral, LCM)."""
 
     prev_latents: Tensor   # x_{t'}, in the latents' dtype (the UNet's)
     mean: Tensor           # μ, float32
@@ -64,23 +64,17 @@ SCHEDULES: dict[str, dict] = {
 }
 MIDPOINT_FINAL_ALPHA = {"adjoint_matching"}
 
-# The samplers whose every step is a Gaussian transition the sampler can recompute: they have log-probs and serve
-# every trainer. Any other diffusers scheduler class name samples through its own `step` (grids, evaluation, DRaFT).
-SCHEDULERS = {
-    "ddim": "DDIM, η in [0, 1] (sample.eta); every step stochastic when η > 0",
-    "euler_ancestral": "Euler ancestral (SD-Turbo); stochastic except the last step",
-    "lcm": "LCM multistep (LCM-LoRA); stochastic except the last step",
-}
+# The samplers whose every step is a Gaussian transition the sampler can recompute (diffrl.transitions): they have
+# log-probs and serve every trainer. Any other diffusers scheduler class name samples through its own `step`.
+SCHEDULERS = {name: kernel.description for name, kernel in KERNELS.items()}
 
 
 def scheduler_class(name: str) -> type:
     """The diffusers scheduler class of a `sample.scheduler` name; unknown names list the valid ones."""
     import diffusers
-    from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    classes = {"ddim": DDIMScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler, "lcm": LCMScheduler}
-    cls = classes.get(name) or getattr(diffusers, name, None)
+    cls = KERNELS[name].scheduler_class if name in KERNELS else getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise unknown_name("sample.scheduler", name, list(SCHEDULERS) + [
             "<a diffusers scheduler class for plain sampling, e.g. DPMSolverMultistepScheduler>"])
@@ -145,7 +139,21 @@ class SDSampler:
     @property
     def has_transitions(self) -> bool:
         """Whether every step is a Gaussian transition this sampler recomputes (step, log_prob)."""
-        return self.scheduler_name in SCHEDULERS
+        return self.kernel.has_density
+
+    @property
+    def is_memoryless(self) -> bool:
+        """Whether the schedule is DDPM's ancestral one at every step (Adjoint Matching's requirement)."""
+        return self.kernel.is_memoryless
+
+    @property
+    def stds(self) -> Tensor | None:
+        """[T] σ of each step's Gaussian (0 at a deterministic step); None for plain diffusers sampling."""
+        return self.kernel.stds
+
+    def add_noise(self, x0: Tensor, noise: Tensor, i: int | Tensor) -> Tensor:
+        """The forward process to step i's noise level, in this sampler's latent space (DRaFT-LV's re-noising)."""
+        return self.kernel.add_noise(x0, noise, i)
 
     def require_transitions(self, method: str) -> None:
         if not self.has_transitions:
@@ -159,47 +167,11 @@ class SDSampler:
             self.scheduler.set_timesteps(device=device, timesteps=self.custom_timesteps)
 
     def _set_schedule(self) -> None:
-        device = self.unet.device
-        self._reset_scheduler(device)
+        self._reset_scheduler(self.unet.device)
         self.timesteps = self.scheduler.timesteps                       # [T], the pipeline's own values and dtype
-        self.input_divisors = None    # the UNet sees latents / input_divisors[i] (Euler's σ-space latents)
-        if self.scheduler_name == "ddim":
-            self._set_ddim_schedule(device)
-        elif self.scheduler_name == "euler_ancestral":
-            self._set_euler_schedule(device)
-        elif self.scheduler_name == "lcm":
-            self._set_lcm_schedule(device)
-        else:
-            self.stds = None
-        # Which steps draw noise (consuming the generator as diffusers does) and which have a density.
-        self.stochastic_steps = [] if self.stds is None else [i for i, s in enumerate(self.stds.tolist()) if s > 0]
-        self._stochastic = [i in self.stochastic_steps for i in range(self.num_steps)]
-        self._draws_noise = [self.scheduler_name == "euler_ancestral" or s for s in self._stochastic]
-
-    def _set_ddim_schedule(self, device) -> None:
-        # diffusers' DDIM rule for the next timestep, kept so that eta = 0 matches the pipeline exactly.
-        prev = self.timesteps.cpu() - self.scheduler.config.num_train_timesteps // self.num_steps
-        alphas_cumprod = self.scheduler.alphas_cumprod
-        self.alphas = alphas_cumprod[self.timesteps.cpu()].to(device)          # ᾱ_t   [T] float32
-        final_alpha = self.scheduler.final_alpha_cumprod
-        if self.schedule in MIDPOINT_FINAL_ALPHA:
-            final_alpha = (1 + alphas_cumprod[self.timesteps[-1].cpu()]) / 2
-        self.alphas_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final_alpha).to(device)  # ᾱ_{t'}
-        self.stds = ddim_std(self.alphas, self.alphas_prev, self.eta)          # σ_t(η) [T]
-
-    def _set_euler_schedule(self, device) -> None:
-        sigmas = self.scheduler.sigmas.to(device)                               # [T + 1], σ = 0 at the end
-        self.sigmas, self.sigmas_next = sigmas[:-1], sigmas[1:]
-        self.input_divisors = (self.sigmas**2 + 1) ** 0.5
-        self.alphas = 1 / (1 + self.sigmas**2)                                  # ᾱ of each step's noise level
-        self.stds = (self.sigmas_next**2 * (self.sigmas**2 - self.sigmas_next**2) / self.sigmas**2) ** 0.5
-
-    def _set_lcm_schedule(self, device) -> None:
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
-        next_timesteps = torch.cat([self.timesteps[1:], self.timesteps[-1:]])
-        self.alphas = alphas_cumprod[self.timesteps]
-        self.lcm_next_scales, self.stds = lcm_step_tables(alphas_cumprod[next_timesteps])
-        self.lcm_c_skip, self.lcm_c_out = lcm_boundary_scalings(self.timesteps, self.scheduler.config.timestep_scaling)
+        settings = KernelSettings(eta=self.eta, midpoint_final_alpha=self.schedule in MIDPOINT_FINAL_ALPHA)
+        self.kernel: TransitionKernel = KERNELS.get(self.scheduler_name, SchedulerKernel)(self.scheduler, settings)
+        self.stochastic_steps = self.kernel.stochastic_steps   # the steps with a density (and a likelihood ratio)
 
     @property
     def device(self) -> torch.device:
@@ -296,13 +268,13 @@ class SDSampler:
         conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
         with self._adapters(enabled=not reference):
             output = self._model_output(latents, t, conditioning, negative, scale, reference)
-        alpha_t = _broadcast(self.scheduler.alphas_cumprod.to(latents.device)[t], latents)
+        alpha_t = per_step(self.scheduler.alphas_cumprod.to(latents.device), t, latents)
         return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
 
     # -- one transition ------------------------------------------------------------------------------------------
     def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Conditioning,
              negative_prompt_embeds: Conditioning | None = None, *, generator=None, reference: bool = False,
-             add_noise: bool = True) -> DDIMStep:
+             add_noise: bool = True) -> TransitionStep:
         """The transition from step index i (an int, or a [B] tensor of per-sample indices).
 
         ``add_noise=False`` returns the mean as the next latent without drawing noise (Adjoint Matching's drift)."""
@@ -310,40 +282,20 @@ class SDSampler:
         if torch.is_tensor(i):
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
-        model_input = latents
-        if self.input_divisors is not None:
-            model_input = (latents.float() / _broadcast(self.input_divisors[i], latents)).to(latents.dtype)
         conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
         with self._adapters(enabled=not reference):
-            output = self._model_output(model_input, t, conditioning, negative, self.guidance_scale, reference)
+            output = self._model_output(self.kernel.model_input(latents, i), t, conditioning, negative,
+                                        self.guidance_scale, reference)
         # The step's Gaussian in float32 whatever the UNet's dtype, for an int i (0-dim coefficients, sampling) and a
         # tensor i ([B, 1, 1, 1] coefficients, recomputation) alike: type promotion would otherwise compute the first
         # in bf16/fp16 and the second in float32, and the ratio of the two would not be 1 before an update.
-        mean, std, eps = self._transition(output.float(), latents.float(), i)
-        draws = self._draws_noise[i] if isinstance(i, int) else bool(self.stochastic_steps)
+        mean, std, eps = self.kernel.gaussian(output.float(), latents.float(), i)
+        draws = self.kernel.draws_noise(i) if isinstance(i, int) else bool(self.stochastic_steps)
         if not (add_noise and draws):
-            return DDIMStep(mean.to(latents.dtype), mean, std, eps)
+            return TransitionStep(mean.to(latents.dtype), mean, std, eps)
         # noise drawn in the UNet's dtype, as diffusers draws it (the same numbers for the same generator)
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=latents.dtype)
-        return DDIMStep((mean + std * noise.float()).to(latents.dtype), mean, std, eps)
-
-    def _transition(self, output: Tensor, latents: Tensor, i: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean, std, ε̂) of step i's Gaussian from the guided model output."""
-        def at(table: Tensor) -> Tensor:
-            return _broadcast(table[i], latents)
-
-        if self.scheduler_name == "euler_ancestral":
-            return euler_ancestral_transition(output, latents, at(self.sigmas), at(self.sigmas_next),
-                                              self.prediction_type)
-        clip = self.scheduler.config.clip_sample_range if self.scheduler.config.clip_sample else None
-        if self.scheduler_name == "lcm":
-            return lcm_transition(output, latents, at(self.alphas), at(self.lcm_c_skip), at(self.lcm_c_out),
-                                  at(self.lcm_next_scales), at(self.stds), self.prediction_type, clip)
-        x0, eps = x0_eps_from_model_output(output, latents, at(self.alphas), self.prediction_type)
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
-        std = at(self.stds)
-        return ddim_mean(x0, eps, at(self.alphas_prev), std), std, eps
+        return TransitionStep((mean + std * noise.float()).to(latents.dtype), mean, std, eps)
 
     # -- whole trajectories ---------------------------------------------------------------------------------------
     def initial_latents(self, batch_size: int, generator=None) -> Tensor:
@@ -363,12 +315,13 @@ class SDSampler:
         steps = self._transitions if self.has_transitions else self._scheduler_steps
         first_grad_step = self.num_steps - grad_last_k
         all_latents, log_probs, noise_preds = [latents], [], []
+        stochastic = set(self.stochastic_steps)
         for i, step in enumerate(steps(latents, first_grad_step, conditioning, negative, generator)):
             latents = step.prev_latents
             all_latents.append(latents.detach())
             if self.stochastic_steps:   # a deterministic step has no density: 0, nothing to a likelihood ratio
                 log_probs.append(gaussian_log_prob(latents.detach(), step.mean.detach(), step.std)
-                                 if self._stochastic[i] else latents.new_zeros(len(prompts), dtype=torch.float32))
+                                 if i in stochastic else latents.new_zeros(len(prompts), dtype=torch.float32))
             if i >= first_grad_step:
                 noise_preds.append(step.noise_pred)
         with torch.enable_grad() if grad_last_k else torch.no_grad():
@@ -402,7 +355,7 @@ class SDSampler:
                 output = self._model_output(model_input, t, conditioning, negative_conditioning,
                                             self.guidance_scale)
                 latents = self.scheduler.step(output, t, latents, generator=generator, return_dict=False)[0]
-            yield DDIMStep(latents, latents, latents.new_zeros(()), output)
+            yield TransitionStep(latents, latents, latents.new_zeros(()), output)
 
     def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor:
         """[B] float32 log p(latents[:, i+1] | latents[:, i]) under the current weights, with grad."""
@@ -412,7 +365,7 @@ class SDSampler:
 
     def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, prompt_embeds: Conditioning,
                             negative_prompt_embeds: Conditioning | None = None, *, reference: bool = False
-                            ) -> tuple[Tensor, DDIMStep]:
+                            ) -> tuple[Tensor, TransitionStep]:
         """[B] float32 log p(next_latents | latents) of step index i (int or [B], each one of ``stochastic_steps``)
         under the current weights (``reference=True``: the base model, adapters off), with grad, and the step itself
         (its guided ε̂ is what DPOK's KL term compares with the reference model's)."""
@@ -437,8 +390,3 @@ class SDSampler:
             latents = latents / config.scaling_factor
         images = self.vae.decode(latents, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def _broadcast(values: Tensor, like: Tensor) -> Tensor:
-    """A 0-dim coefficient stays 0-dim (as in diffusers); a per-sample [B] one becomes [B, 1, 1, 1]."""
-    return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim == 1 else values

@@ -20,6 +20,7 @@ from accelerate.utils import (DistributedType, ProjectConfiguration, is_tensorbo
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
+from diffrl.atomic_files import write_text_atomic
 from diffrl.checkpoint import (Processes, TrainingState, checkpoint_name, list_checkpoints, load_latest_checkpoint,
                                prune_checkpoints, recover_interrupted_saves, save_checkpoint)
 from diffrl.config import Config, config_to_dict, save_config
@@ -401,9 +402,7 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line)["step"] <= step]
     if len(kept) != len(rows):
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _append_metrics(path: Path, metrics: dict) -> None:

@@ -15,8 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from diffrl import _torchvision_compat
-from diffrl.errors import UserInputError, unknown_name
+from diffrl.errors import UserInputError, unknown_name  # importing diffrl installs its torchvision fix first
 from rewards.aesthetic import AestheticReward
 from rewards.clip_score import ClipScoreReward
 from rewards.compressibility import CompressibilityReward, IncompressibilityReward
@@ -26,8 +25,6 @@ from rewards.mix import MixReward
 from rewards.pickscore import PickScoreReward
 from rewards.shapes import ShapesAccuracyReward, ShapesAlignmentReward
 from rewards.statistics import BrightnessReward, ContrastReward, SaturationReward
-
-_torchvision_compat.install()  # the CLIP rewards import transformers/open_clip, which import torchvision
 
 
 @runtime_checkable

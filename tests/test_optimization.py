@@ -38,7 +38,7 @@ def test_an_overflowing_update_is_skipped_and_the_next_one_applies():
     assert optimization.step(loss_of(model, 1e35)) is None
     assert torch.equal(model.weight, before)                       # no update
     assert optimization.accelerator.scaler.get_scale() == INITIAL_SCALE / 2
-    assert optimization.learning_rate == 0.1                       # the schedule did not advance either
+    assert optimization.lr_scheduler.get_last_lr() == [0.1]        # the schedule did not advance either
     assert (optimization.scaler_skips, optimization.consecutive_scaler_skips) == (1, 1)
 
     grad_norm = optimization.step(loss_of(model, 1.0))

@@ -264,7 +264,8 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     (["sample.resolution=101"], "resolution 101 must be a multiple of"),
     (["train.lora_target_modules=[nope]"], "train.lora_target_modules ['nope'] match no module of the UNet"),
     (["trainer=adjoint_matching", "reward=compressibility", "sample.eta=1.0"], "is not differentiable"),
-    (["trainer=adjoint_matching", "sample.eta=0.5"], "set sample.scheduler=ddim and sample.eta=1 (got sample.eta=0.5)"),
+    (["trainer=adjoint_matching", "sample.eta=0.5"], "set sample.scheduler=ddim and sample.eta=1, and "
+                                                      "sample.schedule=adjoint_matching if"),
     (["trainer=ddpo", "sample.eta=0"], "DDPO optimises the likelihood of stochastic steps: set sample.eta > 0"),
     (["sample.num_steps=abc"], "sample.num_steps must be int, got 'abc'"),
     (["log.tracker=off"], "quote it, YAML reads bare no/yes/on/off as true/false"),

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats
+from diffrl.metrics import metrics_to_floats, reward_metrics
 from rewards import Reward, score
 
 if TYPE_CHECKING:
@@ -92,10 +92,9 @@ class AdjointMatchingTrainer:
             keep = self.loss_clip.keep(entry_losses.detach().sqrt(), self.optimization.accelerator)
             loss = (entry_losses * keep).sum() / entry_losses.numel()
             grad_norm = self.optimization.step(loss)                                             # 5
-        metrics = {"loss": loss.detach(), "reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
+        metrics = {"loss": loss.detach(), **reward_metrics(rewards, components),
                    "adjoint_norm": terminal.flatten(1).norm(dim=1).mean(), "control_norm": control_norm,
-                   "clip_fraction": 1 - keep.float().mean(),
-                   **{f"reward/{name}": value.detach().float().mean() for name, value in components.items()}}
+                   "clip_fraction": 1 - keep.float().mean()}
         if self.loss_clip.threshold is not None:
             metrics["clip_threshold"] = self.loss_clip.threshold
         if grad_norm is not None:
@@ -140,14 +139,12 @@ def check_config(config: AdjointMatchingConfig, sampler: SDSampler, reward: Rewa
     if not getattr(reward, "differentiable", False):
         raise UserInputError(f"Adjoint Matching starts from the reward's gradient, but {type(reward).__name__} is not "
                              "differentiable; use a differentiable reward or a policy-gradient trainer (ddpo, dpok)")
-    if sampler.scheduler_name != "ddim" or sampler.eta != 1.0:
-        got = f"eta={sampler.eta}" if sampler.scheduler_name == "ddim" else f"scheduler={sampler.scheduler_name}"
-        raise UserInputError(f"Adjoint Matching needs the memoryless schedule, DDIM with eta = 1, to reach "
-                             f"p_base·exp(λr); set sample.scheduler=ddim and sample.eta=1 (got sample.{got})")
-    if len(sampler.stochastic_steps) < sampler.num_steps:
-        raise UserInputError("Adjoint Matching divides the control by each step's σ, and this model's DDIM schedule "
-                             "ends on ᾱ = 1 (set_alpha_to_one), where σ = 0; set sample.schedule=adjoint_matching, "
-                             "the official schedule, whose final ᾱ keeps σ > 0")
+    if not sampler.is_memoryless:   # the control is divided by each step's σ: none may be 0
+        raise UserInputError(
+            f"Adjoint Matching needs the memoryless schedule, DDIM with eta = 1 and σ > 0 at every step, to reach "
+            f"p_base·exp(λr); set sample.scheduler=ddim and sample.eta=1, and sample.schedule=adjoint_matching if the "
+            f"model's DDIM config ends on ᾱ = 1 (got sample.scheduler={sampler.kernel.name}, sample.eta={sampler.eta}, "
+            f"{len(sampler.stochastic_steps)} of {sampler.num_steps} steps stochastic)")
     if config.cfg_mode == "none" and sampler.do_cfg:
         raise UserInputError("adjoint_matching.cfg_mode none samples without guidance; set sample.guidance_scale=1 "
                              "or choose cfg_mode trajectory_only")

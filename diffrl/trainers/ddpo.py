@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from diffrl.optimization import metrics_to_floats
+from diffrl.metrics import metrics_to_floats
 from diffrl.policy_gradient import PerPromptStatTracker
 from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic,
                                  rollout, rollout_metrics, stochastic_slots, train_on_rollout)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats
+from diffrl.metrics import metrics_to_floats, reward_metrics
 from diffrl.policy_gradient import clamped_ratio_loss, epsilon_kl, ppo_clipped_loss
 from diffrl.trainers.ppo import require_stochastic, rollout
 from rewards import Reward
@@ -100,8 +100,7 @@ class DpokTrainer:
         traj, rewards, components = rollout(self.sampler, self.reward, prompts)               # step 1
         self.buffer.add(traj, rewards, pooled_text_embeddings(self.sampler.pipe, prompts),
                         self.sampler.stochastic_steps)
-        metrics = {"reward_mean": rewards.mean(), "reward_std": rewards.std(correction=0),
-                   **{f"reward/{name}": value.float().mean() for name, value in components.items()}}
+        metrics = reward_metrics(rewards, components)
         if self.value_net is not None:
             metrics["value_loss"] = self._train_value()  # step 2; in units of the reward variance (1 = the mean's)
         metrics.update(self._train_policy())                                                   # step 3
@@ -164,8 +163,7 @@ class DpokTrainer:
         embeds, negative = sampler.encode_prompts([buffer.prompts[row] for row in rows.tolist()])
         log_probs, step = sampler.transition_log_prob(states, buffer.next_states[rows], steps, embeds, negative)
         with torch.no_grad():
-            reference = sampler.predict_noise(states, sampler.timesteps[steps], embeds,
-                                              negative_prompt_embeds=negative, reference=True)
+            reference = sampler.step(states, steps, embeds, negative, reference=True, add_noise=False).noise_pred
             advantages = buffer.rewards[rows]
             if self.value_net is not None:
                 advantages = advantages - self.baseline(rows)
@@ -230,10 +228,10 @@ class TransitionBuffer:
         return torch.randperm(len(self), generator=generator)[:count].to(self.states.device)
 
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "prompts": list(self.prompts),
-                **{name: getattr(self, name) for name in self.TENSORS}}
+        return {"prompts": list(self.prompts), **{name: getattr(self, name) for name in self.TENSORS}}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """The capacity stays the config's (older checkpoints also hold a "capacity", which is ignored)."""
         self.prompts = list(state["prompts"])
         for name in self.TENSORS:
             value = state[name]

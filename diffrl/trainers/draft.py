@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats
+from diffrl.metrics import metrics_to_floats, reward_metrics
 from diffrl.policy_gradient import epsilon_kl
 from rewards import Reward, score
 
@@ -63,9 +63,8 @@ class DraftTrainer:
             raise UserInputError(f"draft.k must be in [1, sample.num_steps={sampler.num_steps}], got {config.k}")
         if config.lv_samples and (config.k != 1 or config.truncation != "fixed"):
             raise UserInputError("draft.lv_samples (DRaFT-LV) needs draft.k = 1 and draft.truncation = fixed")
-        if (config.lv_samples or config.kl_coeff) and sampler.scheduler_name != "ddim":
-            raise UserInputError("draft.lv_samples (DRaFT-LV) and draft.kl_coeff (DRaFT+) are defined on DDIM steps; "
-                                 "set sample.scheduler=ddim")
+        if config.lv_samples or config.kl_coeff:
+            sampler.require_transitions("DRaFT-LV (draft.lv_samples) or DRaFT+ (draft.kl_coeff)")
         if config.lv_samples < 0 or config.kl_coeff < 0:
             raise UserInputError("draft.lv_samples and draft.kl_coeff must be non-negative")
         if config.truncation != "fixed" and truncation_acceptance(config, sampler.num_steps) < MIN_ACCEPTANCE:
@@ -95,8 +94,7 @@ class DraftTrainer:
                 if kl is not None:
                     loss = loss + self.config.kl_coeff * kl                       # step 3
             grad_norm = self.optimization.step(loss)                               # step 4
-        metrics = {"loss": loss.detach(), "reward_mean": rewards.detach().mean(), "reward_std": rewards.detach().std(correction=0),
-                   "k": float(k), **{f"reward/{name}": value.detach().mean() for name, value in components.items()}}
+        metrics = {"loss": loss.detach(), **reward_metrics(rewards, components), "k": float(k)}
         if kl is not None:
             metrics["kl"] = kl.detach()
         if grad_norm is not None:
@@ -130,8 +128,7 @@ class DraftTrainer:
             traj = self.sampler.sample(prompts)
         x0 = traj.latents[:, -1].repeat(n, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=self.generator).to(x0)
-        alpha = self.sampler.alphas[last]
-        noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        noisy = self.sampler.add_noise(x0, noise, last)      # x = √ᾱ x0 + √(1−ᾱ) ε at the last step's level
         negative = None if traj.negative_conditioning is None else traj.negative_conditioning.repeat(n)
         step = self.sampler.step(noisy, last, traj.conditioning.repeat(n), negative)
         copies = list(prompts) * n
@@ -141,10 +138,10 @@ class DraftTrainer:
     def _eps_kl(self, traj, k: int) -> Tensor:
         """mean‖ε_θ − ε_ref‖² over the k differentiable steps (ε_θ carries grad from sampling)."""
         first = self.sampler.num_steps - k
-        with torch.no_grad():
+        with torch.no_grad():   # the base model's ε̂ of the same steps, as the kernel reads the denoiser's output
             reference = torch.stack([
-                self.sampler.predict_noise(traj.latents[:, i], traj.timesteps[i], traj.conditioning,
-                                           negative_prompt_embeds=traj.negative_conditioning, reference=True)
+                self.sampler.step(traj.latents[:, i], i, traj.conditioning, traj.negative_conditioning,
+                                  reference=True, add_noise=False).noise_pred
                 for i in range(first, self.sampler.num_steps)], dim=1)
         return epsilon_kl(traj.noise_preds, reference)
 

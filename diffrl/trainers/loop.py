@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats
+from diffrl.metrics import metrics_to_floats
 from diffrl.policy_gradient import leave_one_out_advantages
 from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic,
                                  rollout, rollout_metrics, stochastic_slots, train_on_rollout)

@@ -9,7 +9,7 @@ own seeded generator, so a cache rebuilt after a crash, or on another number of 
 from __future__ import annotations
 
 import contextlib
-import os
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from diffrl.atomic_files import atomic_path
 from diffrl.errors import UserInputError
 from diffrl.preference import PreferenceStats, denoising_errors
 
@@ -121,6 +122,12 @@ def generate_latents(sampler: SDSampler, prompts: list[str], seeds: list[int], b
     return torch.stack(order).cpu()
 
 
+def settings_key(*settings) -> str:
+    """The cache key of generated latents: 16 hex digits of the SHA-256 of the settings, space-separated as an
+    f-string writes them, so that caches written before this function keep their keys."""
+    return hashlib.sha256(" ".join(str(setting) for setting in settings).encode()).hexdigest()[:16]
+
+
 def cached_latents(path: Path, key: str, make: Callable[[], Tensor]) -> Tensor:
     """Latents from ``path`` when it was written for ``key``, else made, written atomically by the main process and
     returned; every process returns the same tensor."""
@@ -130,9 +137,8 @@ def cached_latents(path: Path, key: str, make: Callable[[], Tensor]) -> Tensor:
     latents = make()
     if state.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file({"latents": latents.contiguous()}, str(temporary), metadata={"key": key})
-        os.replace(temporary, path)   # atomic: a killed run never leaves a half-written cache behind
+        with atomic_path(path) as tmp:   # a killed run never leaves a half-written cache behind
+            save_file({"latents": latents.contiguous()}, str(tmp), metadata={"key": key})
     state.wait_for_everyone()
     return latents
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import reward_metrics
+from diffrl.metrics import reward_metrics
 from diffrl.policy_gradient import ppo_clipped_loss
 from rewards import Reward, score
 

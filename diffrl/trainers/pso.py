@@ -26,7 +26,6 @@ sample of the batch's prompts each step, which costs only the student's 1-4 UNet
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,10 @@ import torch
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats, reward_metrics
+from diffrl.metrics import metrics_to_floats, reward_metrics
 from diffrl.preference import pso_offline_loss, pso_online_loss
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
-                                   load_pair_dataset, record_batch, record_seed)
+                                   load_pair_dataset, record_batch, record_seed, settings_key)
 from rewards import Reward, score
 
 if TYPE_CHECKING:
@@ -146,9 +145,8 @@ class PsoTrainer:
     def _initial_student_latents(self) -> Tensor:
         """One image per record from the initial student (adapters off, so a resumed run makes the same ones)."""
         sampler, config = self.sampler, self.config
-        settings = (f"{self.dataset.key} {sampler.scheduler_name} {sampler.schedule} {sampler.num_steps} "
-                    f"{sampler.guidance_scale} {sampler.resolution} {config.seed}")
-        key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        key = settings_key(self.dataset.key, sampler.scheduler_name, sampler.schedule, sampler.num_steps,
+                           sampler.guidance_scale, sampler.resolution, config.seed)
 
         def generate() -> Tensor:
             with sampler.base_model():

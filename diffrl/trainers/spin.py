@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from diffrl.errors import UserInputError
-from diffrl.optimization import metrics_to_floats, reward_metrics
+from diffrl.metrics import metrics_to_floats, reward_metrics
 from diffrl.preference import diffusion_dpo_loss
 from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
                                    load_pair_dataset, lora_values, record_batch, record_seed,
-                                   records_of_steps, score_latents)
+                                   records_of_steps, score_latents, settings_key)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -136,9 +136,8 @@ class SpinTrainer:
         records = records_of_steps(len(self.dataset.prompts), self.iteration_steps(k), batch_size, config.seed)
         prompts = [self.dataset.prompts[i] for i in records]
         weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in self.frozen)).hexdigest()[:16]
-        settings = (f"{self.dataset.key} {weights} {records} {sampler.scheduler_name} {sampler.schedule} "
-                    f"{sampler.eta} {sampler.num_steps} {sampler.guidance_scale} {sampler.resolution} {config.seed}")
-        key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        key = settings_key(self.dataset.key, weights, records, sampler.scheduler_name, sampler.schedule, sampler.eta,
+                           sampler.num_steps, sampler.guidance_scale, sampler.resolution, config.seed)
 
         def generate() -> torch.Tensor:
             seeds = [record_seed(config.seed, k + 1, i) for i in records]

@@ -186,7 +186,7 @@ def test_schedule_preset_uses_trailing_spacing_and_keeps_the_last_step_noisy(tmp
     sampler = build_run(_config("sample.schedule=adjoint_matching"), tmp_path).sampler
     assert sampler.timesteps[-1] == 1000 // sampler.num_steps - 1          # trailing: ends at 249 for 4 steps
     alpha_last = sampler.scheduler.alphas_cumprod[sampler.timesteps[-1]]
-    assert sampler.alphas_prev[-1].item() == pytest.approx((1 + alpha_last.item()) / 2)
+    assert sampler.kernel.alphas_prev[-1].item() == pytest.approx((1 + alpha_last.item()) / 2)
     assert sampler.stds[-1] > 0.05
 
 
@@ -213,7 +213,7 @@ def test_learning_raises_brightness_and_lambda_sets_how_far(tmp_path):
 def test_a_zero_sigma_step_is_refused_with_the_official_schedule_named(tmp_path, alpha_one_model):
     """The control is divided by σ: a DDIM config ending on ᾱ = 1 (σ = 0) is refused; the official schedule runs."""
     settings = ("trainer=adjoint_matching", "sample.eta=1.0", f"model={alpha_one_model}")
-    with pytest.raises(UserInputError, match="set sample.schedule=adjoint_matching"):
+    with pytest.raises(UserInputError, match="3 of 4 steps stochastic"):
         build_run(fast_config(*settings), tmp_path / "model")
     run = build_run(fast_config(*settings, "sample.schedule=adjoint_matching"), tmp_path / "official")
     assert run.sampler.stochastic_steps == [0, 1, 2, 3]

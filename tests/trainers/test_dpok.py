@@ -66,6 +66,16 @@ def test_buffer_keeps_only_the_given_stochastic_steps():
     assert buffer.log_probs.tolist() == [-0.0, -4.0, -1.0, -5.0]
 
 
+def test_buffer_loads_its_state_and_an_older_one_that_holds_the_capacity():
+    buffer = TransitionBuffer(capacity=5)
+    buffer.add(_toy_trajectory(2, 3, 0.0), torch.tensor([10.0, 20.0]), torch.tensor([[1.0], [2.0]]), [0, 1, 2])
+    for state in (buffer.state_dict(), {**buffer.state_dict(), "capacity": 5}):
+        restored = TransitionBuffer(capacity=5)
+        restored.load_state_dict(state, torch.device("cpu"))
+        assert restored.prompts == buffer.prompts
+        assert all(torch.equal(getattr(restored, name), getattr(buffer, name)) for name in TransitionBuffer.TENSORS)
+
+
 def test_policy_term_at_ratio_one_is_minus_alpha_times_the_mean_advantage(tmp_path):
     run = _run(tmp_path, "dpok.kl_weight=0.0", "dpok.reward_weight=10.0")
     _fill_buffer(run)

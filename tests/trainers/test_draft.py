@@ -99,7 +99,7 @@ def test_lv_loss_is_minus_n_times_the_mean_reward_of_renoised_copies(tmp_path):
         traj = sampler.sample(prompts)
         noise = torch.randn((n * 2, *traj.latents.shape[2:]), generator=torch.Generator().set_state(generator_state))
         last = sampler.num_steps - 1
-        alpha, alpha_next = sampler.alphas[last], sampler.alphas_prev[last]
+        alpha, alpha_next = sampler.kernel.alphas[last], sampler.kernel.alphas_prev[last]
         rewards = []
         for copy in noise.split(2):
             x = alpha.sqrt() * traj.latents[:, -1] + (1 - alpha).sqrt() * copy

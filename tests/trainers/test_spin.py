@@ -33,7 +33,7 @@ def test_iterations_set_their_learning_rate_and_restart_the_optimiser(tmp_path):
         trainer.step(["", ""])
         learning_rate = 1e-2 if step < 2 else 3e-3
         assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate)
-        assert run.optimization.learning_rate == pytest.approx(learning_rate)
+        assert run.optimization.lr_scheduler.get_last_lr()[0] == pytest.approx(learning_rate)
     # step 3 began iteration 2 with an empty AdamW state, so it holds exactly one step of moments
     assert all(state["step"] == 1 for state in optimizer.state.values())
     assert trainer.iteration == 1

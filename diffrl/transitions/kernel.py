@@ -1,0 +1,37 @@
+"""What every transition kernel gives the sampler (the protocol), its settings, and step-table indexing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    eta: float = 1.0                       # DDIM's η: 0 deterministic, 1 DDPM's ancestral (memoryless) step
+    midpoint_final_alpha: bool = False     # DDIM: final ᾱ halfway between 1 and the last step's (Adjoint Matching)
+
+
+class TransitionKernel(Protocol):
+    name: str                   # the sample.scheduler value that selects it
+    description: str            # one line for `diffrl list` and error messages
+    has_density: bool           # every step is a Gaussian the sampler can recompute (log-probs, trainers)
+    scheduler_class: type       # the diffusers scheduler whose config and timesteps it reads
+    timesteps: Tensor           # [T] the scheduler's timestep values, what the denoiser is called with
+    stds: Tensor | None         # [T] float32 σ of each step's Gaussian (0: deterministic); None without a density
+    stochastic_steps: list[int]  # the steps with σ > 0: the ones with a log-density
+    is_memoryless: bool         # DDPM's ancestral schedule at every step (Adjoint Matching's requirement)
+
+    def draws_noise(self, i: int) -> bool: ...      # whether step i consumes the generator (as diffusers does)
+    def model_input(self, latents: Tensor, i: int | Tensor) -> Tensor: ...
+    def gaussian(self, output: Tensor, latents: Tensor, i: int | Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+    def predicted_x0(self, output: Tensor, latents: Tensor, i: int | Tensor) -> Tensor: ...
+    def add_noise(self, x0: Tensor, noise: Tensor, i: int | Tensor) -> Tensor: ...
+
+
+def per_step(values: Tensor, i: int | Tensor, like: Tensor) -> Tensor:
+    """Step i's entry of a [T] table: 0-dim for an int i (as diffusers computes), [B, 1, ...] for a [B] tensor i."""
+    value = values[i]
+    return value.reshape(-1, *([1] * (like.ndim - 1))) if value.ndim == 1 else value
