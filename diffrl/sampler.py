@@ -155,6 +155,16 @@ class SDSampler:
         """The forward process to step i's noise level, in this sampler's latent space (DRaFT-LV's re-noising)."""
         return self.kernel.add_noise(x0, noise, i)
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def add_training_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The denoiser's training forward process at timestep values (any of num_train_timesteps, not only the
+        sampling grid): x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, what predict_noise(x_t, t) takes (Diffusion-DPO's noising)."""
+        alpha = per_step(self.scheduler.alphas_cumprod.to(x0.device), timesteps, x0).to(x0.dtype)
+        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
     def require_transitions(self, method: str) -> None:
         if not self.has_transitions:
             raise UserInputError(f"{method} needs single denoising steps recomputed, which sample.scheduler="

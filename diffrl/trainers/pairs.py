@@ -179,8 +179,7 @@ def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, 
     if shared_noise:
         noise = torch.cat([noise[:len(winners)]] * 2)
     t = torch.cat([timesteps, timesteps]).to(device)
-    alpha = sampler.scheduler.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1).to(dtype)
-    noisy = alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+    noisy = sampler.add_training_noise(clean, noise, t)
     embeds = sampler.encode_prompts(list(prompts))[0].repeat(2)
     with torch.no_grad(), (reference() if reference else contextlib.nullcontext()):
         reference_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds,

@@ -111,8 +111,7 @@ class SpinTrainer:
         dataset, iteration = self.dataset, self.config.iterations[k]
         indices = record_batch(len(dataset.prompts), self.steps_done, len(prompts), self.config.seed)
         rows = [self.opponent_rows[i] for i in indices]
-        timesteps = torch.randint(self.sampler.scheduler.config.num_train_timesteps, (len(indices),),
-                                  generator=self.generator)
+        timesteps = torch.randint(self.sampler.num_train_timesteps, (len(indices),), generator=self.generator)
         metrics = dpo_update(self.sampler, self.optimization, dataset.latents[indices], self.opponents[rows],
                              [dataset.prompts[i] for i in indices], timesteps,
                              functools.partial(diffusion_dpo_loss, beta=iteration.beta),
