@@ -37,10 +37,11 @@ class SampleConfig:
     batch_size: int = 4             # prompts per process per training step
     resolution: int | None = None   # image side in pixels; None: the model's default
     negative_prompt: str = ""       # text of the unconditional CFG branch
-    scheduler: str = "ddim"         # ddim | euler_ancestral (SD-Turbo) | lcm (LCM-LoRA): every step recomputable, with
-    # log-probs; or any diffusers scheduler class name (e.g. DPMSolverMultistepScheduler) for plain sampling
-    schedule: str = "model"         # preset on top of the model's scheduler config: model (as is) | trailing
-    # (few-step students: SD-Turbo, SDXL-Turbo) | adjoint_matching (DDIM; the SOC recipe)
+    scheduler: str = "ddim"         # the kind of step (a transition kernel): ddim | euler_ancestral (SD-Turbo) | lcm
+    # (LCM-LoRA), every step recomputable with log-probs; or any diffusers scheduler class (e.g.
+    # DPMSolverMultistepScheduler) for plain sampling
+    schedule: str = "model"         # the noise schedule, a preset over the model's scheduler config: model (as is) |
+    # trailing (few-step students: SD-Turbo, SDXL-Turbo) | adjoint_matching (DDIM; the SOC recipe)
     timesteps: list[int] | None = None  # explicit timesteps, lcm only (DMD2 4-step: [999, 749, 499, 249]); their
     # count must equal num_steps; None: num_steps spaced by the scheduler
     vae_slicing: bool = False       # decode one image at a time: SD 1.5, 4 images at 256 px: 1054 -> 256 MiB, same time

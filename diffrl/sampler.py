@@ -52,7 +52,7 @@ class TransitionStep:
 
 
 # Named scheduler settings a recipe can opt into with `sample.schedule`; "model" keeps the pipeline's own config.
-SCHEDULES: dict[str, dict] = {
+SCHEDULE_PRESETS: dict[str, dict] = {
     "model": {},
     # Adjoint Matching's fine-tuning schedule (microsoft/soc-fine-tuning-sd): smaller betas, trailing spacing, and a
     # final ᾱ halfway between 1 and ᾱ of the last sampled timestep, which keeps the last step's σ away from 0 (the
@@ -66,7 +66,7 @@ MIDPOINT_FINAL_ALPHA = {"adjoint_matching"}
 
 # The samplers whose every step is a Gaussian transition the sampler can recompute (diffrl.transitions): they have
 # log-probs and serve every trainer. Any other diffusers scheduler class name samples through its own `step`.
-SCHEDULERS = {name: kernel.description for name, kernel in KERNELS.items()}
+KERNEL_DESCRIPTIONS = {name: kernel.description for name, kernel in KERNELS.items()}
 
 
 def scheduler_class(name: str) -> type:
@@ -76,7 +76,7 @@ def scheduler_class(name: str) -> type:
 
     cls = KERNELS[name].scheduler_class if name in KERNELS else getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise unknown_name("sample.scheduler", name, list(SCHEDULERS) + [
+        raise unknown_name("sample.scheduler", name, list(KERNEL_DESCRIPTIONS) + [
             "<a diffusers scheduler class for plain sampling, e.g. DPMSolverMultistepScheduler>"])
     return cls
 
@@ -86,7 +86,7 @@ class SDSampler:
     samplers Euler ancestral and LCM, or any diffusers scheduler for plain sampling.
 
     The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private scheduler of
-    the kind ``scheduler`` names, so the pipeline itself is not modified; ``schedule`` names a preset of SCHEDULES
+    the kind ``scheduler`` names, so the pipeline itself is not modified; ``schedule`` names one of SCHEDULE_PRESETS,
     applied on top. Whatever adapters the UNet carries are used; ``reference=True`` disables them to give the base
     model. Latents are the scheduler's own: σ-scaled (x0 + σε) for Euler ancestral, √ᾱ-scaled otherwise.
     ``timesteps`` replaces the spaced grid with explicit values (LCM only; DMD2's 4-step [999, 749, 499, 249]).
@@ -116,13 +116,13 @@ class SDSampler:
             # batch 4, 512 px, H100). It acts only when grad is enabled, so no-grad decoding is unchanged, and it
             # stays on: switching it off between forward and backward would change what backward recomputes.
             self.vae.enable_gradient_checkpointing()
-        if schedule not in SCHEDULES:
-            raise unknown_name("schedule", schedule, SCHEDULES)
+        if schedule not in SCHEDULE_PRESETS:
+            raise unknown_name("schedule", schedule, SCHEDULE_PRESETS)
         if schedule in MIDPOINT_FINAL_ALPHA and scheduler != "ddim":
             raise UserInputError(f"sample.schedule={schedule} is a DDIM schedule; use it with sample.scheduler=ddim")
         self.schedule, self.scheduler_name = schedule, scheduler
         # A private scheduler from the pipeline's config (betas, prediction type, ...); the pipeline keeps its own.
-        self.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config, **SCHEDULES[schedule])
+        self.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config, **SCHEDULE_PRESETS[schedule])
         if getattr(self.scheduler.config, "thresholding", False):
             raise UserInputError("dynamic thresholding is for pixel-space models; disable it in the scheduler config")
         if scheduler == "lcm" and self.unet.config.time_cond_proj_dim is not None:
@@ -160,15 +160,15 @@ class SDSampler:
         return self.scheduler.config.num_train_timesteps
 
     def add_training_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """The denoiser's training forward process at timestep values (any of num_train_timesteps, not only the
-        sampling grid): x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, what predict_noise(x_t, t) takes (Diffusion-DPO's noising)."""
+        """The denoiser's training forward process at timestep values t (any of num_train_timesteps, not only
+        the sampling grid): x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, the input predict_noise(x_t, t) takes (Diffusion-DPO)."""
         alpha = per_step(self.scheduler.alphas_cumprod.to(x0.device), timesteps, x0).to(x0.dtype)
         return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
 
     def require_transitions(self, method: str) -> None:
         if not self.has_transitions:
             raise UserInputError(f"{method} needs single denoising steps recomputed, which sample.scheduler="
-                                 f"{self.scheduler_name} does not expose; use one of {', '.join(SCHEDULERS)}")
+                                 f"{self.scheduler_name} does not expose; use one of {', '.join(KERNEL_DESCRIPTIONS)}")
 
     def _reset_scheduler(self, device) -> None:
         if self.custom_timesteps is None:

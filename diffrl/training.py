@@ -30,7 +30,7 @@ from diffrl.lora import add_lora
 from diffrl.models import load_model
 from diffrl.optimization import Optimization
 from diffrl.report import write_report
-from diffrl.sampler import SCHEDULES, SDSampler, scheduler_class
+from diffrl.sampler import SCHEDULE_PRESETS, SDSampler, scheduler_class
 from diffrl.trainers import TRAINERS
 from rewards import load_reward
 
@@ -94,8 +94,8 @@ def check_environment(config: Config) -> None:
     schedulers = [kind.value for kind in SchedulerType]
     if config.train.lr_scheduler not in schedulers:
         raise unknown_name("lr_scheduler", config.train.lr_scheduler, schedulers)
-    if config.sample.schedule not in SCHEDULES:
-        raise unknown_name("sample.schedule", config.sample.schedule, SCHEDULES)
+    if config.sample.schedule not in SCHEDULE_PRESETS:
+        raise unknown_name("sample.schedule", config.sample.schedule, SCHEDULE_PRESETS)
     scheduler_class(config.sample.scheduler)
     tracker = config.log.tracker
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}

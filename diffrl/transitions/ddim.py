@@ -15,7 +15,7 @@ class DDIMKernel:
     name = "ddim"
     description = "DDIM, η in [0, 1] (sample.eta); every step stochastic when η > 0"
     has_density = True
-    scheduler_class = DDIMScheduler            # the diffusers scheduler whose config and timesteps it reads
+    scheduler_class = DDIMScheduler
 
     def __init__(self, scheduler, settings: KernelSettings):
         self.timesteps = scheduler.timesteps

@@ -14,7 +14,7 @@ class EulerAncestralKernel:
     name = "euler_ancestral"
     description = "Euler ancestral (SD-Turbo); stochastic except the last step"
     has_density = True
-    scheduler_class = EulerAncestralDiscreteScheduler            # the diffusers scheduler whose config and timesteps it reads
+    scheduler_class = EulerAncestralDiscreteScheduler
     is_memoryless = False
 
     def __init__(self, scheduler, settings: KernelSettings):

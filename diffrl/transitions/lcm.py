@@ -17,7 +17,7 @@ class LCMKernel:
     name = "lcm"
     description = "LCM multistep (LCM-LoRA); stochastic except the last step"
     has_density = True
-    scheduler_class = LCMScheduler            # the diffusers scheduler whose config and timesteps it reads
+    scheduler_class = LCMScheduler
     is_memoryless = False
 
     def __init__(self, scheduler, settings: KernelSettings):
