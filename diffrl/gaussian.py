@@ -29,6 +29,11 @@ def ddim_mean(x0: Tensor, eps: Tensor, alpha_prev: Tensor, std: Tensor) -> Tenso
     return alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
 
 
+def forward_noised(x0: Tensor, noise: Tensor, alpha: Tensor) -> Tensor:
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε: the forward process q(x_t | x0) (DDPM, Ho et al., arXiv 2006.11239, eq. 4)."""
+    return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
+
 def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_t: Tensor) -> Tensor:
     """x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t."""
     return (x_t - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.errors import UserInputError, unknown_name
-from diffrl.gaussian import gaussian_log_prob, x0_eps_from_model_output
+from diffrl.gaussian import forward_noised, gaussian_log_prob, x0_eps_from_model_output
 from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel, per_step
 from diffrl.trajectory import TextConditioning, Trajectory
 
@@ -163,7 +163,7 @@ class SDSampler:
         """The denoiser's training forward process at timestep values t (any of num_train_timesteps, not only
         the sampling grid): x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, the input predict_noise(x_t, t) takes (Diffusion-DPO)."""
         alpha = per_step(self.scheduler.alphas_cumprod.to(x0.device), timesteps, x0).to(x0.dtype)
-        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        return forward_noised(x0, noise, alpha)
 
     def require_transitions(self, method: str) -> None:
         if not self.has_transitions:

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
-from diffrl.gaussian import ddim_mean, ddim_std, x0_eps_from_model_output
+from diffrl.gaussian import ddim_mean, ddim_std, forward_noised, x0_eps_from_model_output
 from diffrl.transitions.kernel import KernelSettings, per_step
 
 
@@ -53,8 +53,7 @@ class DDIMKernel:
 
     def add_noise(self, x0: Tensor, noise: Tensor, i: int | Tensor) -> Tensor:
         """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε at step i's timestep (the forward process)."""
-        alpha = per_step(self.alphas, i, x0)
-        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        return forward_noised(x0, noise, per_step(self.alphas, i, x0))
 
     def _x0_eps(self, output: Tensor, latents: Tensor, i: int | Tensor) -> tuple[Tensor, Tensor]:
         x0, eps = x0_eps_from_model_output(output, latents, per_step(self.alphas, i, latents), self.prediction_type)

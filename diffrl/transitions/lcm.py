@@ -9,7 +9,7 @@ from diffusers import LCMScheduler
 from torch import Tensor
 
 from diffrl.few_step import lcm_boundary_scalings, lcm_step_tables, lcm_transition
-from diffrl.gaussian import x0_eps_from_model_output
+from diffrl.gaussian import forward_noised, x0_eps_from_model_output
 from diffrl.transitions.kernel import KernelSettings, per_step
 
 
@@ -51,5 +51,4 @@ class LCMKernel:
 
     def add_noise(self, x0: Tensor, noise: Tensor, i: int | Tensor) -> Tensor:
         """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε at step i's timestep."""
-        alpha = per_step(self.alphas, i, x0)
-        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        return forward_noised(x0, noise, per_step(self.alphas, i, x0))
