@@ -336,15 +336,10 @@ class SDSampler:
                 noise_preds.append(step.noise_pred)
         with torch.enable_grad() if grad_last_k else torch.no_grad():
             images = self.decode(latents)
-        if negative is None:
-            negative = TextConditioning(prompt_embeds=None)  # every unconditional field None: no CFG
         return Trajectory(
-            prompts=list(prompts), prompt_embeds=conditioning.prompt_embeds, latents=torch.stack(all_latents, dim=1),
+            prompts=list(prompts), conditioning=conditioning, latents=torch.stack(all_latents, dim=1),
             timesteps=self.timesteps, log_probs=torch.stack(log_probs, dim=1) if log_probs else None, images=images,
-            negative_prompt_embeds=negative.prompt_embeds,
-            noise_preds=torch.stack(noise_preds, dim=1) if noise_preds else None,
-            pooled_prompt_embeds=conditioning.pooled_prompt_embeds, add_time_ids=conditioning.add_time_ids,
-            negative_pooled_prompt_embeds=negative.pooled_prompt_embeds, negative_add_time_ids=negative.add_time_ids)
+            negative_conditioning=negative, noise_preds=torch.stack(noise_preds, dim=1) if noise_preds else None)
 
     def _transitions(self, latents, first_grad_step, conditioning, negative_conditioning, generator):
         for i in range(self.num_steps):

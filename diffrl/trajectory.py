@@ -63,17 +63,13 @@ class Trajectory:
     """
 
     prompts: list[str]
-    prompt_embeds: Tensor               # [B, L, D] conditional text embeddings used for sampling
+    conditioning: TextConditioning      # what the denoiser was conditioned on (text embeddings; SDXL: + pooled, ids)
     latents: Tensor                     # [B, T+1, C, h, w], detached
     timesteps: Tensor                   # [T] scheduler timesteps, shared by the batch
     log_probs: Tensor | None            # [B, T] float32, None when eta == 0
     images: Tensor                      # [B, 3, H, W] in [0, 1]; carries grad iff sampled with grad_last_k > 0
-    negative_prompt_embeds: Tensor | None = None  # [B, L, D] unconditional embeddings; None without CFG
+    negative_conditioning: TextConditioning | None = None  # the unconditional CFG half; None without CFG
     noise_preds: Tensor | None = None   # [B, K, C, h, w] guided ε of the last K (differentiable) steps, with grad
-    pooled_prompt_embeds: Tensor | None = None           # [B, P] SDXL only (diffusers' names)
-    negative_pooled_prompt_embeds: Tensor | None = None  # [B, P] SDXL with CFG
-    add_time_ids: Tensor | None = None                   # [B, 6] SDXL only
-    negative_add_time_ids: Tensor | None = None          # [B, 6] SDXL with CFG
 
     @property
     def num_steps(self) -> int:
@@ -83,12 +79,11 @@ class Trajectory:
         return len(self.prompts)
 
     @property
-    def conditioning(self) -> TextConditioning:
-        return TextConditioning(self.prompt_embeds, self.pooled_prompt_embeds, self.add_time_ids)
+    def prompt_embeds(self) -> Tensor:
+        """[B, L, D] conditional text embeddings used for sampling (the name DESIGN §3.4 gives users)."""
+        return self.conditioning.prompt_embeds
 
     @property
-    def negative_conditioning(self) -> TextConditioning | None:
-        if self.negative_prompt_embeds is None:
-            return None
-        return TextConditioning(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds,
-                                self.negative_add_time_ids)
+    def negative_prompt_embeds(self) -> Tensor | None:
+        """[B, L, D] unconditional text embeddings; None without CFG."""
+        return None if self.negative_conditioning is None else self.negative_conditioning.prompt_embeds

@@ -49,9 +49,9 @@ def test_eta0_reproduces_the_sdxl_pipeline_with_ddim(sdxl_pipe, negative_prompt)
                                 num_inference_steps=5, guidance_scale=5.0, eta=0.0,
                                 negative_prompt=[negative_prompt] * 2 if negative_prompt else None)
     torch.testing.assert_close(traj.images, expected, rtol=0, atol=1e-6)
-    assert traj.pooled_prompt_embeds.shape == (2, 32) and traj.add_time_ids.shape == (2, 6)
+    assert traj.conditioning.pooled_prompt_embeds.shape == (2, 32) and traj.conditioning.add_time_ids.shape == (2, 6)
     assert traj.log_probs is None
-    assert (traj.negative_pooled_prompt_embeds == 0).all() == (negative_prompt == "")
+    assert (traj.negative_conditioning.pooled_prompt_embeds == 0).all() == (negative_prompt == "")
 
 
 def test_each_cfg_half_gets_its_own_pooled_embedding_and_time_ids(sdxl_pipe):

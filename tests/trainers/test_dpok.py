@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.trajectory import Trajectory
+from diffrl.trajectory import TextConditioning, Trajectory
 from diffrl.training import build_run
 from diffrl.trainers.dpok import TransitionBuffer, pooled_text_embeddings
 from tests.conftest import perturb_lora
@@ -34,9 +34,9 @@ def _fill_buffer(run):
 
 def _toy_trajectory(batch: int, steps: int, offset: float) -> Trajectory:
     latents = offset + torch.arange(batch * (steps + 1), dtype=torch.float32).view(batch, steps + 1, 1, 1, 1)
-    return Trajectory(prompts=[f"p{offset + row}" for row in range(batch)], prompt_embeds=torch.zeros(batch, 1, 1),
-                      latents=latents, timesteps=torch.arange(steps), images=torch.zeros(batch, 3, 1, 1),
-                      log_probs=-latents[:, :-1, 0, 0, 0])
+    return Trajectory(prompts=[f"p{offset + row}" for row in range(batch)],
+                      conditioning=TextConditioning(torch.zeros(batch, 1, 1)), latents=latents,
+                      timesteps=torch.arange(steps), images=torch.zeros(batch, 3, 1, 1), log_probs=-latents[:, :-1, 0, 0, 0])
 
 
 def test_buffer_is_step_major_and_first_in_first_out():
