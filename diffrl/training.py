@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import json
 import math
@@ -29,6 +28,7 @@ from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import add_lora
 from diffrl.models import load_model
 from diffrl.optimization import Optimization
+from diffrl.prompt_order import prompts_for_step
 from diffrl.report import write_report
 from diffrl.sampler import SCHEDULE_PRESETS, SDSampler, scheduler_class
 from diffrl.trainers import TRAINERS
@@ -55,22 +55,6 @@ def load_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise UserInputError(f"prompt file {str(path)!r} holds no prompts")
     return prompts
-
-
-def prompts_for_step(prompts: list[str], step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-                     ) -> list[str]:
-    """The prompts of one process at one step: epochs of seeded permutations, a pure function of the step.
-
-    Because the order depends only on (seed, step), a resumed run sees exactly the prompts it would have seen.
-    """
-    start = step * batch_size * world_size + rank * batch_size
-    positions = [divmod(position, len(prompts)) for position in range(start, start + batch_size)]
-    return [prompts[_epoch_order(len(prompts), seed, epoch)[index]] for epoch, index in positions]
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 @dataclass

@@ -42,7 +42,6 @@ from diffrl.metrics import metrics_to_floats, reward_metrics
 from rewards import Reward, score
 
 if TYPE_CHECKING:
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -71,7 +70,7 @@ class AdjointMatchingTrainer:
         self.guided = config.cfg_mode == "full"   # CFG in the adjoint and the control, not only in sampling
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         return 1 / config.train.gradient_accumulation_steps   # one micro-batch per step
 
     def step(self, prompts: list[str]) -> dict[str, float]:

@@ -28,7 +28,6 @@ from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rol
 from rewards import Reward
 
 if TYPE_CHECKING:
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -51,7 +50,7 @@ class DdpoTrainer:
         optimization.set_backward_passes_per_micro_batch(stochastic_slots(sampler, config, "ddpo"))
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         return optimizer_steps_per_rollout(config.ddpo, "ddpo", config.sample.batch_size, config.sample.num_steps,
                                            config.train.gradient_accumulation_steps)
 

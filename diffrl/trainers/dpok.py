@@ -45,7 +45,6 @@ from diffrl.trainers.ppo import require_stochastic, rollout
 from rewards import Reward
 
 if TYPE_CHECKING:
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
     from diffrl.trajectory import Trajectory
@@ -93,7 +92,7 @@ class DpokTrainer:
             self.value_optimizer = torch.optim.AdamW(net.parameters(), lr=config.v_lr)
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         return float(config.dpok.p_step)
 
     def step(self, prompts: list[str]) -> dict[str, float]:

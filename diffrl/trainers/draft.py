@@ -28,7 +28,6 @@ from diffrl.policy_gradient import epsilon_kl
 from rewards import Reward, score
 
 if TYPE_CHECKING:  # the config class must import without diffusers (config parsing, `diffrl list`)
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -77,7 +76,7 @@ class DraftTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         return 1 / config.train.gradient_accumulation_steps   # one micro-batch per step
 
     def step(self, prompts: list[str]) -> dict[str, float]:

@@ -30,7 +30,6 @@ from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rol
 from rewards import Reward
 
 if TYPE_CHECKING:
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -55,7 +54,7 @@ class LoopTrainer:
         optimization.set_backward_passes_per_micro_batch(stochastic_slots(sampler, config, "loop"))
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         return optimizer_steps_per_rollout(
             config.loop, "loop", config.sample.batch_size * config.loop.samples_per_prompt,
             config.sample.num_steps, config.train.gradient_accumulation_steps)

@@ -21,6 +21,7 @@ from torch import Tensor
 from diffrl.atomic_files import atomic_path
 from diffrl.errors import UserInputError
 from diffrl.preference import PreferenceStats, denoising_errors
+from diffrl.prompt_order import prompts_for_step
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -77,8 +78,6 @@ def _accelerator() -> Accelerator:
 def record_batch(num_records: int, step: int, batch_size: int, seed: int, process: int | None = None) -> list[int]:
     """Record indices of one process (default: this one) at one step: seeded epochs, a pure function of the step,
     so a resumed run sees the same records and an iteration knows in advance which records it will use."""
-    from diffrl.training import prompts_for_step
-
     state = _accelerator()
     process = state.process_index if process is None else process
     return prompts_for_step(list(range(num_records)), step, batch_size, seed, process, state.num_processes)

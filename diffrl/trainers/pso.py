@@ -42,7 +42,6 @@ from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update
 from rewards import Reward, score
 
 if TYPE_CHECKING:
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -87,7 +86,7 @@ class PsoTrainer:
             self.grid = sampler.timesteps.round().long().cpu()   # the student's own timesteps (trailing: integers)
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         return 1 / config.train.gradient_accumulation_steps   # one micro-batch per step
 
     def step(self, prompts: list[str]) -> dict[str, float]:

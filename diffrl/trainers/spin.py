@@ -38,7 +38,6 @@ from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update
 from rewards import Reward
 
 if TYPE_CHECKING:
-    from diffrl.config import Config
     from diffrl.optimization import Optimization
     from diffrl.sampler import SDSampler
 
@@ -82,7 +81,7 @@ class SpinTrainer:
         self.opponents = self.opponent_rewards = None
 
     @staticmethod
-    def optimizer_steps_per_step(config: Config) -> float:
+    def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config
         total = sum(it.steps for it in config.spin.iterations)
         if config.train.steps > total:
             raise UserInputError(f"train.steps ({config.train.steps}) is more than spin.iterations plan "
