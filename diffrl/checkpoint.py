@@ -24,12 +24,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from diffrl.lora import LORA_WEIGHTS_NAME, load_lora_into, save_lora
+from diffrl.lora import LORA_WEIGHTS_NAME
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
 # Test-only fault injection: a save of this step stops after the LoRA file, touches PAUSED and sleeps, so a test can
@@ -39,6 +39,14 @@ PAUSE_SAVE_AT_STEP = "DIFFRL_TEST_PAUSE_SAVE_AT_STEP"
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+
+class LoraWeights(Protocol):
+    """The trained adapter, written in its model family's LoRA format (diffrl.families: ModelFamily)."""
+
+    def save_lora(self, directory: Path) -> Path: ...
+    def load_lora(self, directory: Path) -> None: ...
 
 
 @dataclass
@@ -60,7 +68,7 @@ class Processes:
     barrier: Callable[[], None] = lambda: None
 
 
-def save_checkpoint(run_dir: Path, step: int, unet, state: TrainingState, info: dict | None = None,
+def save_checkpoint(run_dir: Path, step: int, weights: LoraWeights, state: TrainingState, info: dict | None = None,
                     processes: Processes = Processes()) -> Path:
     """Write checkpoints/step-N atomically; ``info`` (JSON) joins the step in training_state/state.json.
 
@@ -73,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, unet, state: TrainingState, info: 
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "training_state").mkdir(parents=True)
-        save_lora(unet, tmp)
+        weights.save_lora(tmp)
         _pause_if_requested(step, tmp)
         torch.save(state.optimizer.state_dict(), tmp / "training_state" / "optimizer.pt")
         torch.save(state.lr_scheduler.state_dict(), tmp / "training_state" / "lr_scheduler.pt")
@@ -149,7 +157,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_latest_checkpoint(run_dir: Path, unet, state: TrainingState, *, set_aside: bool = True,
+def load_latest_checkpoint(run_dir: Path, weights: LoraWeights, state: TrainingState, *, set_aside: bool = True,
                            process_index: int = 0) -> tuple[Path | None, dict, list[str]]:
     """Load the newest checkpoint that loads: (its path, its state.json, notes on the ones set aside).
 
@@ -162,7 +170,7 @@ def load_latest_checkpoint(run_dir: Path, unet, state: TrainingState, *, set_asi
     failures = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            load_checkpoint(path, unet, state, process_index)
+            load_checkpoint(path, weights, state, process_index)
         except Exception as error:  # noqa: BLE001  any failure to read a checkpoint means: try the previous one
             message = str(error).strip().splitlines()
             failures.append((path, f"{type(error).__name__}: {message[0] if message else ''}"))
@@ -189,14 +197,14 @@ def read_checkpoint_info(path: Path) -> dict:
     return json.loads((Path(path) / "training_state" / "state.json").read_text())
 
 
-def load_checkpoint(path: Path, unet, state: TrainingState, process_index: int = 0) -> int:
+def load_checkpoint(path: Path, weights: LoraWeights, state: TrainingState, process_index: int = 0) -> int:
     """Restore the LoRA weights, optimiser, scheduler, trainer and RNG states; returns the step.
 
     Each process loads its own trainer and RNG state. A process that the saving run did not have (resuming with
     more processes) takes the trainer state of process index mod saved count and keeps its own RNG, which the
     caller has seeded: the run goes on correctly, but not draw for draw as an uninterrupted one.
     """
-    load_lora_into(unet, path)
+    weights.load_lora(path)
     folder = Path(path) / "training_state"
     state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     state.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=True))

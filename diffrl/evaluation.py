@@ -24,8 +24,9 @@ from diffrl.checkpoint import STEP_PATTERN, list_checkpoints
 from diffrl.config import Config, SampleConfig, load_config
 from diffrl.diversity import DiversityMetrics, build_diversity_metrics, mean_and_standard_error
 from diffrl.errors import UserInputError
+from diffrl.families import family_of
 from diffrl.grids import image_grid, save_image_atomic
-from diffrl.lora import LORA_WEIGHTS_NAME, has_lora, load_unet_lora
+from diffrl.lora import LORA_WEIGHTS_NAME, has_lora, load_pipeline_lora
 from diffrl.models import BUILTIN_MODELS, SINGLE_FILE_SUFFIXES, load_model, load_pipeline
 from diffrl.sampler import SDSampler
 from diffrl.shapesworld_statistics import LayoutSample, data_layouts, layout, layout_distances
@@ -141,11 +142,11 @@ def load_rewards(names: list[str], targets: list[Target], device: torch.device) 
 
 # -- sampling the rows -----------------------------------------------------------------------------------------------
 def use_checkpoint(pipe, checkpoint: Path | None) -> None:
-    """Put this checkpoint's LoRA on the pipeline's UNet in place of the previous one (None: the base model)."""
-    if has_lora(pipe.unet):
+    """Put this checkpoint's LoRA on the pipeline's denoiser in place of the previous one (None: the base model)."""
+    if has_lora(family_of(pipe).denoiser):
         pipe.unload_lora_weights()
     if checkpoint is not None:
-        load_unet_lora(pipe, checkpoint)
+        load_pipeline_lora(pipe, checkpoint)
 
 
 def pipelines(targets: list[Target], device, dtype, vae_slicing: bool = False) -> Iterator[tuple[Target, object]]:

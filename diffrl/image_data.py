@@ -24,6 +24,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -255,16 +256,17 @@ def cache_key(records: list[ImageRecord], resolution: int, vae) -> str:
 
 @torch.no_grad()
 def encode_latents(records: list[ImageRecord], vae, resolution: int, cache_dir: Path | None = None,
-                   batch_size: int = 8) -> Tensor:
-    """[N, C, R/f, R/f] scaled latents of the records' images, from ``cache_dir`` when it holds them."""
+                   batch_size: int = 8, encode: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """[N, ...] latents of the records' images, from ``cache_dir`` when it holds them. ``encode`` maps pixels in
+    [-1, 1] to the model family's latents (ModelFamily.encode_images); default: the VAE's scaled posterior mean."""
+    from diffrl.families.autoencoder import encode_pixels
     cache = None if cache_dir is None else Path(cache_dir) / f"latents-{cache_key(records, resolution, vae)}.safetensors"
     if cache is not None and cache.is_file():
         return load_file(cache)["latents"]
     parts = []
     for start in range(0, len(records), batch_size):
         pixels = torch.stack([image_tensor(record, resolution) for record in records[start:start + batch_size]])
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        parts.append((posterior.mean * vae.config.scaling_factor).float().cpu())
+        parts.append((encode(pixels) if encode else encode_pixels(vae, pixels)).float().cpu())
     latents = torch.cat(parts)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -205,8 +205,10 @@ def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, devi
     else:
         raise unknown_name("model", name_or_path, list(BUILTIN_MODELS) + ["<hub id>", "<local folder>",
                                                                         "<file.safetensors>"])
+    from diffrl.families import family_of
+
     pipe.set_progress_bar_config(disable=True)
-    if pipe.unet.dtype != dtype:  # hub and local loads already arrive in ``dtype``
+    if family_of(pipe).denoiser.dtype != dtype:  # hub and local loads already arrive in ``dtype``
         pipe.to(dtype=dtype)
     return pipe.to(device)
 
@@ -297,13 +299,15 @@ def load_model(model: str, *, base_lora: str | None = None, base_lora_scale: flo
     model in fp16 with a VAE whose config sets ``force_upcast`` (SDXL's VAE overflows in fp16; the fp16-fixed one
     does not; SD 1.x's pipeline never upcasts).
     """
+    from diffrl.families import family_of
+
     pipe = load_pipeline(model, dtype=dtype, device=device)
     if base_lora:
         fuse_base_lora(pipe, base_lora, base_lora_scale)
     if vae:
         pipe.vae = load_vae(vae, dtype=dtype, device=device)
     if vae_float32 is None:
-        vae_float32 = (dtype == torch.float16 and pipe.unet.config.addition_embed_type == "text_time"
+        vae_float32 = (dtype == torch.float16 and family_of(pipe).upcasts_fp16_vae
                        and bool(getattr(pipe.vae.config, "force_upcast", False)))
     if vae_float32:
         pipe.vae.to(torch.float32)
@@ -317,7 +321,7 @@ def fuse_base_lora(pipe, spec: str, scale: float = 1.0) -> None:
     ``spec`` is a local ``.safetensors`` file, a local folder holding ``pytorch_lora_weights.safetensors``, or a hub
     reference: ``owner/repo`` (its ``pytorch_lora_weights.safetensors``) or ``owner/repo/path/file.safetensors``.
     """
-    from diffrl.lora import load_unet_lora
+    from diffrl.lora import load_pipeline_lora
 
     path = Path(os.path.expanduser(spec))
     if path.is_file():
@@ -331,7 +335,7 @@ def fuse_base_lora(pipe, spec: str, scale: float = 1.0) -> None:
         parts = spec.split("/")
         source, weight_name = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
-        load_unet_lora(pipe, source, weight_name=weight_name, adapter_name="base_lora")
+        load_pipeline_lora(pipe, source, weight_name=weight_name, adapter_name="base_lora")
     except (OSError, ValueError) as error:
         raise UserInputError(f"could not load base_lora {spec!r}: download the LoRA file (e.g. huggingface-cli "
                              f"download {source}{' ' + weight_name if weight_name else ''}) into the Hugging Face "

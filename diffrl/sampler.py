@@ -1,16 +1,15 @@
-"""The Sampler protocol and SDSampler: DDIM and few-step samplers over a diffusers Stable Diffusion (1.x, 2.x, XL)
-pipeline, exposing the trajectory.
+"""The Sampler protocol and SDSampler: DDIM and few-step samplers over a diffusers pipeline of any supported model
+family (diffrl.families: Stable Diffusion 1.x/2.x, SDXL), exposing the trajectory.
 
 SDSampler runs its own denoising loop over the pipeline's components (no copied pipeline ``__call__``) so that it can
 record every latent and per-step log-probability, build the autograd graph through only the last K steps, and recompute
 any step under the current weights. With the same initial latents and generator its images equal the pipeline's with
 the same scheduler (DDIMScheduler at any eta, EulerAncestralDiscreteScheduler, LCMScheduler), because every step is
 computed as diffusers computes it and the random draws come in the same order. The arithmetic of each kind of step
-lives in its transition kernel (diffrl.transitions); this module runs the denoiser, guidance and the loop.
-
-SDXL's extra conditioning (pooled text embedding, micro-conditioning time ids) travels in a TextConditioning next to
-the text embeddings, through batched classifier-free guidance and every recomputed step, so trainers are the same code
-for both families.
+lives in its transition kernel (diffrl.transitions), and what differs between model families (the denoiser network,
+prompt encoding, the denoiser's call, decoding) in the family's adapter (diffrl.families); this module runs guidance
+and the loop. The family's conditioning object (SDXL's: text embeddings, pooled embedding, time ids) travels through
+batched classifier-free guidance and every recomputed step, so trainers are the same code for every family.
 """
 
 from __future__ import annotations
@@ -26,18 +25,18 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.errors import UserInputError, unknown_name
+from diffrl.families import family_of
 from diffrl.gaussian import forward_noised, gaussian_log_prob, x0_eps_from_model_output
+from diffrl.lora import has_lora
 from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel, per_step
-from diffrl.trajectory import TextConditioning, Trajectory
-
-Conditioning = Tensor | TextConditioning  # a bare [B, L, D] tensor is enough for SD 1.x/2.x
+from diffrl.trajectory import Conditioning, Trajectory
 
 
 class Sampler(Protocol):
     def sample(self, prompts: list[str], *, grad_last_k: int = 0, generator=None) -> Trajectory: ...
     def log_prob(self, traj: Trajectory, i: int | Tensor) -> Tensor: ...
-    def predict_noise(self, latents: Tensor, t: Tensor, prompt_embeds: Conditioning, *, reference: bool = False
-                      ) -> Tensor: ...
+    def predict_noise(self, latents: Tensor, t: Tensor, prompt_embeds: Conditioning | Tensor, *,
+                      reference: bool = False) -> Tensor: ...
     def decode(self, latents: Tensor) -> Tensor: ...
 
 
@@ -45,7 +44,7 @@ class Sampler(Protocol):
 class TransitionStep:
     """One transition x_t -> x_{t'} ~ N(mean, std² I), of any kernel (DDIM, Euler ancestral, LCM)."""
 
-    prev_latents: Tensor   # x_{t'}, in the latents' dtype (the UNet's)
+    prev_latents: Tensor   # x_{t'}, in the latents' dtype (the denoiser's)
     mean: Tensor           # μ, float32
     std: Tensor            # σ_t(η), float32, broadcastable to the latents
     noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models), float32
@@ -82,12 +81,13 @@ def scheduler_class(name: str) -> type:
 
 
 class SDSampler:
-    """Batched classifier-free guidance over SD 1.x/2.x and SDXL pipelines with DDIM (η in [0, 1]), the few-step
-    samplers Euler ancestral and LCM, or any diffusers scheduler for plain sampling.
+    """Batched classifier-free guidance over the pipeline of any model family in diffrl.families (SD 1.x/2.x, SDXL)
+    with DDIM (η in [0, 1]), the few-step samplers Euler ancestral and LCM, or any diffusers scheduler for plain
+    sampling.
 
     The pipeline's scheduler config (betas, spacing, offset, prediction type) is reused through a private scheduler of
     the kind ``scheduler`` names, so the pipeline itself is not modified; ``schedule`` names one of SCHEDULE_PRESETS,
-    applied on top. Whatever adapters the UNet carries are used; ``reference=True`` disables them to give the base
+    applied on top. Whatever adapters the denoiser carries are used; ``reference=True`` disables them to give the base
     model. Latents are the scheduler's own: σ-scaled (x0 + σε) for Euler ancestral, √ᾱ-scaled otherwise.
     ``timesteps`` replaces the spaced grid with explicit values (LCM only; DMD2's 4-step [999, 749, 499, 249]).
     """
@@ -106,8 +106,9 @@ class SDSampler:
         if num_steps < 1:
             raise UserInputError(f"num_steps must be at least 1, got {num_steps}")
         self.custom_timesteps = None if timesteps is None else list(timesteps)
-        self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
-        self.denoiser = pipe.unet  # what forward calls go through; the training loop may swap in a DDP wrapper
+        self.pipe, self.family = pipe, family_of(pipe)
+        self.network, self.vae = self.family.denoiser, self.family.vae   # the UNet or transformer, and its VAE
+        self.denoiser = self.network  # what forward calls go through; the training loop may swap in a DDP wrapper
         self.num_steps, self.guidance_scale, self.eta = num_steps, guidance_scale, eta
         self.negative_prompt, self.gradient_checkpointing = negative_prompt, gradient_checkpointing
         if gradient_checkpointing:
@@ -125,15 +126,12 @@ class SDSampler:
         self.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config, **SCHEDULE_PRESETS[schedule])
         if getattr(self.scheduler.config, "thresholding", False):
             raise UserInputError("dynamic thresholding is for pixel-space models; disable it in the scheduler config")
-        if scheduler == "lcm" and self.unet.config.time_cond_proj_dim is not None:
+        if scheduler == "lcm" and getattr(self.network.config, "time_cond_proj_dim", None) is not None:
             raise UserInputError("this UNet is a guidance-embedded LCM (time_cond_proj_dim is set), which diffrl does "
                                  "not sample yet; use LCM-LoRA on its base model with sample.scheduler=lcm")
         self.prediction_type = self.scheduler.config.prediction_type
-        self.resolution = resolution or self.unet.config.sample_size * pipe.vae_scale_factor
-        if self.resolution % pipe.vae_scale_factor:
-            raise UserInputError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
-        # SDXL's UNet adds the pooled text embedding and the size/crop time ids to its timestep embedding.
-        self.is_sdxl = self.unet.config.addition_embed_type == "text_time"
+        self.resolution = resolution or self.family.default_resolution()
+        self.family.latent_shape(1, self.resolution)   # refuses a resolution the latent grid cannot hold
         self._set_schedule()
 
     @property
@@ -177,7 +175,7 @@ class SDSampler:
             self.scheduler.set_timesteps(device=device, timesteps=self.custom_timesteps)
 
     def _set_schedule(self) -> None:
-        self._reset_scheduler(self.unet.device)
+        self._reset_scheduler(self.network.device)
         self.timesteps = self.scheduler.timesteps                       # [T], the pipeline's own values and dtype
         settings = KernelSettings(eta=self.eta, midpoint_final_alpha=self.schedule in MIDPOINT_FINAL_ALPHA)
         self.kernel: TransitionKernel = KERNELS.get(self.scheduler_name, SchedulerKernel)(self.scheduler, settings)
@@ -185,64 +183,49 @@ class SDSampler:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weight dtype, which latents are kept in."""
+        return self.network.dtype
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        return self.family.latent_shape(batch_size, self.resolution)
 
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
 
     # -- conditioning ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[TextConditioning, TextConditioning | None]:
-        """Conditional and (with CFG) unconditional conditioning of a batch, as the pipeline builds it.
+    def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning | None]:
+        """Conditional and (with CFG) unconditional conditioning of a batch, as the family's pipeline builds it."""
+        return self.family.encode_prompts(list(prompts), self.negative_prompt, self.do_cfg, self.resolution)
 
-        An empty negative prompt is passed as None, which SDXL (force_zeros_for_empty_prompt) turns into zero
-        embeddings as its pipeline does by default, and SD 1.x into the embedding of "".
-        """
-        negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
-        encoded = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=self.do_cfg, negative_prompt=negative)
-        if not self.is_sdxl:
-            cond, uncond = TextConditioning(encoded[0]), TextConditioning(encoded[1]) if self.do_cfg else None
-            return cond, uncond
-        embeds, negative_embeds, pooled, negative_pooled = encoded
-        # (original size, crop top-left, target size): the pipeline's defaults for a square image at this resolution
-        time_ids = embeds.new_tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]])
-        time_ids = time_ids.repeat(len(prompts), 1)
-        cond = TextConditioning(embeds, pooled, time_ids)
-        return cond, TextConditioning(negative_embeds, negative_pooled, time_ids) if self.do_cfg else None
+    def as_conditioning(self, value: Conditioning | Tensor | None) -> Conditioning | None:
+        """The family's conditioning object from what a caller passes (SD 1.x/2.x: also bare text embeddings)."""
+        return None if value is None else self.family.as_conditioning(value)
 
-    def as_conditioning(self, prompt_embeds: Conditioning | None) -> TextConditioning | None:
-        """A TextConditioning from a bare tensor of text embeddings (SD 1.x/2.x), or as given."""
-        if prompt_embeds is None or isinstance(prompt_embeds, TextConditioning):
-            conditioning = prompt_embeds
-        else:
-            conditioning = TextConditioning(prompt_embeds)
-        if conditioning is not None and self.is_sdxl and conditioning.pooled_prompt_embeds is None:
-            raise ValueError("an SDXL UNet needs the pooled text embeddings and time ids with the text embeddings: "
-                             "pass traj.conditioning / traj.negative_conditioning or sampler.encode_prompts(...)")
-        return conditioning
-
-    # -- one UNet evaluation --------------------------------------------------------------------------------------
-    def _guided_output(self, latents: Tensor, t: Tensor, conditioning: TextConditioning,
-                       negative_conditioning: TextConditioning | None, guidance_scale: float, reference: bool = False
+    # -- one denoiser evaluation ---------------------------------------------------------------------------------
+    def _guided_output(self, latents: Tensor, t: Tensor, conditioning: Conditioning,
+                       negative_conditioning: Conditioning | None, guidance_scale: float, reference: bool = False
                        ) -> Tensor:
-        """The model output (ε or v) with classifier-free guidance as ONE batched UNet call."""
+        """The model output (ε or v) with classifier-free guidance as ONE batched denoiser call."""
         # The base model trains nothing, so it bypasses a DDP wrapper: a forward through DDP with grad enabled (Adjoint
         # Matching's vector-Jacobian products) would wait for gradient reduction that never comes.
-        denoiser = self.unet if reference else self.denoiser
+        denoiser = self.network if reference else self.denoiser
         if negative_conditioning is None or guidance_scale <= 1.0:
-            return denoiser(latents, t, **conditioning.unet_kwargs(), return_dict=False)[0]
+            return self.family.denoise(denoiser, latents, t, conditioning)
         t_both = torch.cat([t, t]) if t.ndim == 1 else t
-        both = TextConditioning.cat([negative_conditioning, conditioning])  # unconditional half first, as diffusers
-        output = denoiser(torch.cat([latents, latents]), t_both, **both.unet_kwargs(), return_dict=False)[0]
+        both = type(conditioning).cat([negative_conditioning, conditioning])  # unconditional half first, as diffusers
+        output = self.family.denoise(denoiser, torch.cat([latents, latents]), t_both, both)
         uncond, cond = output.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
     def _model_output(self, latents, t, conditioning, negative_conditioning, guidance_scale, reference=False
                       ) -> Tensor:
         args = (latents, t, conditioning, negative_conditioning, guidance_scale, reference)
-        # Recompute the UNet's activations in backward: memory per differentiable step is one latent. Not for the base
+        # Recompute the denoiser's activations in backward: memory per differentiable step is one latent. Not for the base
         # model: its backward (Adjoint Matching's VJP) follows at once and runs after the adapters are back on.
         if self.gradient_checkpointing and torch.is_grad_enabled() and not reference:
             return checkpoint(self._guided_output, *args, use_reentrant=False)
@@ -250,27 +233,27 @@ class SDSampler:
 
     @contextlib.contextmanager
     def _adapters(self, enabled: bool):
-        unet = self.unet
-        if enabled or not getattr(unet, "_hf_peft_config_loaded", False):
+        network = self.network
+        if enabled or not has_lora(network):
             yield  # without adapters the model is its own reference
             return
-        unet.disable_adapters()
+        network.disable_adapters()
         try:
             yield
         finally:
-            unet.enable_adapters()
+            network.enable_adapters()
 
     def base_model(self):
-        """A context in which every UNet call (sampling included) runs the base model, its LoRA adapters off."""
+        """A context in which every denoiser call (sampling included) runs the base model, its LoRA adapters off."""
         return self._adapters(enabled=False)
 
-    def predict_noise(self, latents: Tensor, t: Tensor | int, prompt_embeds: Conditioning, *,
-                      negative_prompt_embeds: Conditioning | None = None, guidance_scale: float | None = None,
+    def predict_noise(self, latents: Tensor, t: Tensor | int, prompt_embeds: Conditioning | Tensor, *,
+                      negative_prompt_embeds: Conditioning | Tensor | None = None, guidance_scale: float | None = None,
                       reference: bool = False) -> Tensor:
         """ε̂(x_t, t) at timestep value(s) t (0-dim or [B]); with CFG when negative_prompt_embeds are given.
 
-        The conditioning is a TextConditioning (``traj.conditioning``; required for SDXL) or, for SD 1.x/2.x, the
-        bare text embeddings. ``reference=True`` runs the base model (LoRA adapters disabled). v-prediction outputs
+        The conditioning is the family's conditioning object (``traj.conditioning``; required for SDXL) or, for
+        SD 1.x/2.x, the bare text embeddings. ``reference=True`` runs the base model (LoRA adapters disabled). v-prediction outputs
         are converted to ε.
         """
         t = torch.as_tensor(t, device=latents.device)
@@ -282,8 +265,8 @@ class SDSampler:
         return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
 
     # -- one transition ------------------------------------------------------------------------------------------
-    def step(self, latents: Tensor, i: int | Tensor, prompt_embeds: Conditioning,
-             negative_prompt_embeds: Conditioning | None = None, *, generator=None, reference: bool = False,
+    def step(self, latents: Tensor, i: int | Tensor, conditioning: Conditioning,
+             negative_conditioning: Conditioning | None = None, *, generator=None, reference: bool = False,
              add_noise: bool = True) -> TransitionStep:
         """The transition from step index i (an int, or a [B] tensor of per-sample indices).
 
@@ -292,36 +275,35 @@ class SDSampler:
         if torch.is_tensor(i):
             i = i.to(self.timesteps.device)
         t = self.timesteps[i]
-        conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
+        conditioning, negative = self.as_conditioning(conditioning), self.as_conditioning(negative_conditioning)
         with self._adapters(enabled=not reference):
             output = self._model_output(self.kernel.model_input(latents, i), t, conditioning, negative,
                                         self.guidance_scale, reference)
-        # The step's Gaussian in float32 whatever the UNet's dtype, for an int i (0-dim coefficients, sampling) and a
+        # The step's Gaussian in float32 whatever the denoiser's dtype, for an int i (0-dim coefficients, sampling) and a
         # tensor i ([B, 1, 1, 1] coefficients, recomputation) alike: type promotion would otherwise compute the first
         # in bf16/fp16 and the second in float32, and the ratio of the two would not be 1 before an update.
         mean, std, eps = self.kernel.gaussian(output.float(), latents.float(), i)
         draws = self.kernel.draws_noise(i) if isinstance(i, int) else bool(self.stochastic_steps)
         if not (add_noise and draws):
             return TransitionStep(mean.to(latents.dtype), mean, std, eps)
-        # noise drawn in the UNet's dtype, as diffusers draws it (the same numbers for the same generator)
+        # noise drawn in the denoiser's dtype, as diffusers draws it (the same numbers for the same generator)
         noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=latents.dtype)
         return TransitionStep((mean + std * noise.float()).to(latents.dtype), mean, std, eps)
 
     # -- whole trajectories ---------------------------------------------------------------------------------------
     def initial_latents(self, batch_size: int, generator=None) -> Tensor:
-        size = self.resolution // self.pipe.vae_scale_factor
-        shape = (batch_size, self.unet.config.in_channels, size, size)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        latents = randn_tensor(self.latent_shape(batch_size), generator=generator, device=self.device,
+                               dtype=self.dtype)
         return latents * self.scheduler.init_noise_sigma
 
     def sample(self, prompts: list[str], *, grad_last_k: int = 0, generator=None,
                initial_latents: Tensor | None = None) -> Trajectory:
-        """Sample a batch; the graph runs through the last ``grad_last_k`` UNet calls and the VAE decode only."""
+        """Sample a batch; the graph runs through the last ``grad_last_k`` denoiser calls and the decode only."""
         if not 0 <= grad_last_k <= self.num_steps:
             raise ValueError(f"grad_last_k must be in [0, {self.num_steps}], got {grad_last_k}")
         conditioning, negative = self.encode_prompts(prompts)
         latents = (self.initial_latents(len(prompts), generator) if initial_latents is None
-                   else initial_latents.to(self.device, self.unet.dtype))
+                   else initial_latents.to(self.device, self.dtype))
         steps = self._transitions if self.has_transitions else self._scheduler_steps
         first_grad_step = self.num_steps - grad_last_k
         all_latents, log_probs, noise_preds = [latents], [], []
@@ -368,8 +350,8 @@ class SDSampler:
         return self.transition_log_prob(traj.latents[rows, i], traj.latents[rows, i + 1], i, traj.conditioning,
                                         traj.negative_conditioning)[0]
 
-    def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, prompt_embeds: Conditioning,
-                            negative_prompt_embeds: Conditioning | None = None, *, reference: bool = False
+    def transition_log_prob(self, latents: Tensor, next_latents: Tensor, i: int | Tensor, conditioning: Conditioning,
+                            negative_conditioning: Conditioning | None = None, *, reference: bool = False
                             ) -> tuple[Tensor, TransitionStep]:
         """[B] float32 log p(next_latents | latents) of step index i (int or [B], each one of ``stochastic_steps``)
         under the current weights (``reference=True``: the base model, adapters off), with grad, and the step itself
@@ -378,20 +360,9 @@ class SDSampler:
         if not self.stochastic_steps:
             raise ValueError("log-probs need a stochastic sampler (DDIM with eta > 0, euler_ancestral or lcm with "
                              "at least 2 steps); every step of this one is deterministic")
-        step = self.step(latents, i, prompt_embeds, negative_prompt_embeds, reference=reference)
+        step = self.step(latents, i, conditioning, negative_conditioning, reference=reference)
         return gaussian_log_prob(next_latents, step.mean, step.std), step
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1], float32, differentiable (per-block checkpointed when building a graph).
-
-        The latents are cast to the VAE's dtype: a float32 VAE under fp16 weights (SDXL's VAE overflows in fp16)."""
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype)
-        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-            mean, std = (latents.new_tensor(values).view(1, -1, 1, 1)
-                         for values in (config.latents_mean, config.latents_std))
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        images = self.vae.decode(latents, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        """Latents -> images in [0, 1], float32, differentiable (per-block checkpointed when building a graph)."""
+        return self.family.decode(latents)

@@ -25,7 +25,8 @@ from diffrl.checkpoint import (Processes, TrainingState, checkpoint_name, list_c
 from diffrl.config import Config, config_to_dict, save_config
 from diffrl.errors import NonFiniteError, UserInputError, unknown_name
 from diffrl.grids import image_grid, save_image_atomic
-from diffrl.lora import add_lora
+from diffrl.families import family_of
+from diffrl.lora import NoLoraTargetError
 from diffrl.models import load_model
 from diffrl.optimization import Optimization
 from diffrl.prompt_order import prompts_for_step
@@ -108,16 +109,16 @@ def build_run(config: Config, output_dir: Path) -> Run:
     pipe = load_model(config.model, base_lora=config.base_lora, base_lora_scale=config.base_lora_scale,
                       vae=config.vae, vae_float32=train_config.vae_float32,
                       dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
-    for frozen in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):  # text_encoder_2: SDXL
-        if frozen is not None:
-            frozen.requires_grad_(False)
+    family = family_of(pipe)
+    for frozen in family.frozen_modules():
+        frozen.requires_grad_(False)
     set_attention(pipe, train_config.attention, accelerator.device)
-    params = _add_lora(pipe.unet, train_config)
+    params = _add_lora(family, train_config)
     sample = config.sample
     if sample.vae_slicing:
         pipe.vae.enable_slicing()
     if train_config.compile:   # in place: the module, its parameter names and the LoRA file stay as they are
-        pipe.unet.compile()
+        family.denoiser.compile()
     sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                         negative_prompt=sample.negative_prompt,
                         gradient_checkpointing=uses_gradient_checkpointing(config), schedule=sample.schedule,
@@ -130,9 +131,9 @@ def build_run(config: Config, output_dir: Path) -> Run:
         train_config.lr_scheduler, optimizer,
         num_warmup_steps=train_config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=optimizer_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
-    sampler.denoiser = unet
-    optimization = Optimization(accelerator, unet, optimizer, lr_scheduler, params, train_config.max_grad_norm)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(family.denoiser, optimizer, lr_scheduler)
+    sampler.denoiser = denoiser
+    optimization = Optimization(accelerator, denoiser, optimizer, lr_scheduler, params, train_config.max_grad_norm)
     # Trainers that cache data (dataset latents, generated images) keep it in the run folder, so resume finds it.
     context = {"run_dir": output_dir} if getattr(trainer_class, "needs_run_dir", False) else {}
     trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization, **context)
@@ -172,15 +173,14 @@ def set_attention(pipe, attention: str, device: torch.device) -> None:
     pipe.enable_xformers_memory_efficient_attention()
 
 
-def _add_lora(unet, train_config) -> list[torch.nn.Parameter]:
-    """peft (NoMatchingPeftModuleError) and add_lora raise ValueError when no module name matches the targets."""
+def _add_lora(family, train_config) -> list[torch.nn.Parameter]:
+    targets = train_config.lora_target_modules or family.lora_target_modules
     try:
-        return add_lora(unet, train_config.lora_rank, train_config.lora_alpha, train_config.lora_target_modules)
-    except ValueError as error:
-        if "not found" not in str(error) and "no UNet module matched" not in str(error):
-            raise
-        raise UserInputError(f"train.lora_target_modules {train_config.lora_target_modules} match no module of "
-                             "the UNet; use attention projection names such as to_q, to_k, to_v, to_out.0") from None
+        return family.add_lora(train_config.lora_rank, train_config.lora_alpha, targets)
+    except NoLoraTargetError:
+        raise UserInputError(f"train.lora_target_modules {list(targets)} match no module of the "
+                             f"{type(family.denoiser).__name__}; use attention projection names such as "
+                             f"{', '.join(family.lora_target_modules)}") from None
 
 
 def _fresh_accelerator(**settings) -> Accelerator:
@@ -226,7 +226,7 @@ def _resume(run: Run, output_dir: Path) -> int:
     main = accelerator.is_main_process
     notes = recover_interrupted_saves(output_dir) if main else []
     accelerator.wait_for_everyone()  # the other processes list checkpoints only after the clean-up
-    path, info, set_aside = load_latest_checkpoint(output_dir, run.pipe.unet, run.state, set_aside=main,
+    path, info, set_aside = load_latest_checkpoint(output_dir, run.sampler.family, run.state, set_aside=main,
                                                    process_index=accelerator.process_index)
     accelerator.wait_for_everyone()
     _check_same_checkpoint(accelerator, info["step"])
@@ -399,7 +399,7 @@ def _save(run: Run, output_dir: Path, step: int) -> Path:
     accelerator.wait_for_everyone()
     path = output_dir / "checkpoints" / checkpoint_name(step)
     processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
-    save_checkpoint(output_dir, step, accelerator.unwrap_model(run.pipe.unet), run.state,
+    save_checkpoint(output_dir, step, run.sampler.family, run.state,
                     info={"nonfinite_skips": run.nonfinite_skips}, processes=processes)
     if accelerator.is_main_process:
         prune_checkpoints(output_dir, run.config.log.keep_last)

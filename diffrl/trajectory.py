@@ -1,21 +1,34 @@
-"""Trajectory: the data contract between the sampler, the rewards and the trainers; TextConditioning: what the UNet
-is conditioned on besides the latents and the timestep."""
+"""Trajectory: the data contract between the sampler, the rewards and the trainers; Conditioning: what the denoiser
+is conditioned on besides the latents and the timestep, and TextConditioning, the form the built-in families use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 
+class Conditioning(Protocol):
+    """What the denoiser is conditioned on for a batch of B samples, one half of classifier-free guidance. Each model
+    family (diffrl.families) makes and reads its own; trainers treat it as a batch (select rows, repeat, concatenate)
+    and hand it back to the sampler, so no trainer needs to know which family it trains."""
+
+    prompt_embeds: Tensor   # [B, L, D] the text embeddings (what Trajectory.prompt_embeds shows users)
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, rows) -> Conditioning: ...
+    def repeat(self, n: int) -> Conditioning: ...   # n copies one after another, like torch.cat([self] * n)
+    @classmethod
+    def cat(cls, parts: list[Conditioning]) -> Conditioning: ...
+
+
 @dataclass
 class TextConditioning:
-    """The UNet's text conditioning of B samples, one half of classifier-free guidance.
-
-    SD 1.x/2.x condition on the text embeddings alone; SDXL adds its second text encoder's pooled embedding and the
-    micro-conditioning time ids (original size, crop corner, target size). Trainers select, repeat and concatenate
-    it like a batch and hand it back to the sampler, so no trainer needs to know which family it trains.
+    """Text conditioning as the SD families use it: SD 1.x/2.x condition on the text embeddings alone; SDXL adds its
+    second text encoder's pooled embedding and the micro-conditioning time ids (original size, crop corner, target
+    size). How the denoiser takes them is the family's business (ModelFamily.denoise).
     """
 
     prompt_embeds: Tensor                       # [B, L, D] (SDXL: both encoders' hidden states concatenated)
@@ -36,19 +49,11 @@ class TextConditioning:
         """n copies of the batch one after another, like ``torch.cat([self] * n)``."""
         return self._map(lambda x: x.repeat(n, *([1] * (x.ndim - 1))))
 
-    @staticmethod
-    def cat(parts: list[TextConditioning]) -> TextConditioning:
+    @classmethod
+    def cat(cls, parts: list[TextConditioning]) -> TextConditioning:
         first = parts[0]
-        return TextConditioning(*(None if getattr(first, name) is None else
-                                  torch.cat([getattr(part, name) for part in parts])
-                                  for name in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")))
-
-    def unet_kwargs(self) -> dict:
-        """The keyword arguments of ``UNet2DConditionModel.forward`` that carry this conditioning."""
-        if self.pooled_prompt_embeds is None:
-            return {"encoder_hidden_states": self.prompt_embeds}
-        return {"encoder_hidden_states": self.prompt_embeds,
-                "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.add_time_ids}}
+        return cls(*(None if getattr(first, name) is None else torch.cat([getattr(part, name) for part in parts])
+                     for name in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")))
 
 
 @dataclass
@@ -63,12 +68,12 @@ class Trajectory:
     """
 
     prompts: list[str]
-    conditioning: TextConditioning      # what the denoiser was conditioned on (text embeddings; SDXL: + pooled, ids)
+    conditioning: Conditioning          # what the denoiser was conditioned on (text embeddings; SDXL: + pooled, ids)
     latents: Tensor                     # [B, T+1, C, h, w], detached
     timesteps: Tensor                   # [T] scheduler timesteps, shared by the batch
     log_probs: Tensor | None            # [B, T] float32, None when eta == 0
     images: Tensor                      # [B, 3, H, W] in [0, 1]; carries grad iff sampled with grad_last_k > 0
-    negative_conditioning: TextConditioning | None = None  # the unconditional CFG half; None without CFG
+    negative_conditioning: Conditioning | None = None  # the unconditional CFG half; None without CFG
     noise_preds: Tensor | None = None   # [B, K, C, h, w] guided ε of the last K (differentiable) steps, with grad
 
     @property

@@ -177,7 +177,9 @@ def _unet_output(pipe):
                                     torch.randn(2, 32, generator=torch.Generator().manual_seed(2)),
                                     torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2))
     with torch.no_grad():
-        return pipe.unet(x, 500, **conditioning.unet_kwargs()).sample
+        return pipe.unet(x, 500, encoder_hidden_states=conditioning.prompt_embeds, return_dict=False,
+                         added_cond_kwargs={"text_embeds": conditioning.pooled_prompt_embeds,
+                                            "time_ids": conditioning.add_time_ids})[0]
 
 
 @pytest.mark.parametrize("as_file", [False, True])

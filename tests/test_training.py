@@ -274,8 +274,8 @@ def test_grid_goes_to_wandb_as_a_wandb_image(monkeypatch):
     (["model={tmp}/nowhere"], "unknown model"),
     (["train.attention=xformers"], "train.attention=xformers "),   # not installed here; on a CPU if it were
     (["sample.scheduler=euler"], "unknown sample.scheduler 'euler'"),
-    (["trainer=ddpo", "sample.scheduler=lcm"], "DDPO trains the likelihoods of stochastic DDIM steps, so it needs "
-                                               "sample.scheduler=ddim"),
+    (["trainer=ddpo", "sample.scheduler=DPMSolverMultistepScheduler"],
+     "DDPO needs single denoising steps recomputed, which sample.scheduler=DPMSolverMultistepScheduler does not"),
     (["draft.truncation=uniform", "draft.truncation_min=50", "draft.truncation_max=60"],
      "draft.truncation=uniform almost never draws"),
     (["trainer=pso", "sample.scheduler=lcm", "pso.loser_weight=-1"], "pso.loser_weight must be non-negative"),

@@ -30,6 +30,7 @@ CLIP ViT-L/14 text tower the official code loads separately, without its project
 
 from __future__ import annotations
 
+import math
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -84,9 +85,8 @@ class DpokTrainer:
         self.round = 0
         self.value_net = self.value_optimizer = None
         if config.value_network:
-            pipe = sampler.pipe
-            size = sampler.resolution // pipe.vae_scale_factor
-            net = ValueNetwork(sampler.unet.config.in_channels * size * size, pipe.text_encoder.config.hidden_size,
+            latent_size = math.prod(sampler.latent_shape(1))
+            net = ValueNetwork(latent_size, sampler.pipe.text_encoder.config.hidden_size,
                                sampler.num_steps).to(sampler.device)
             self.value_net = optimization.accelerator.prepare_model(net)
             self.value_optimizer = torch.optim.AdamW(net.parameters(), lr=config.v_lr)

@@ -48,7 +48,7 @@ class PairDatasetConfig:
 @dataclass
 class PairDataset:
     prompts: list[str]
-    latents: Tensor            # [N, C, h, w] float32 on CPU: the VAE posterior mean × scaling factor
+    latents: Tensor            # [N, ...] float32 on CPU: the VAE posterior mean in the family's latent scale
     key: str                   # content hash of images, prompts, resolution and VAE (cache_key)
 
 
@@ -65,7 +65,7 @@ def load_pair_dataset(config: PairDatasetConfig, section: str, sampler: SDSample
     cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     accelerator = _accelerator()
     with accelerator.main_process_first():   # the main process encodes and writes; the others read its cache
-        latents = encode_latents(records, sampler.vae, sampler.resolution, cache_dir)
+        latents = encode_latents(records, sampler.vae, sampler.resolution, cache_dir, encode=sampler.family.encode_images)
     return PairDataset([r.prompt for r in records], latents, cache_key(records, sampler.resolution, sampler.vae))
 
 
@@ -95,7 +95,7 @@ def record_seed(seed: int, stage: int, index: int) -> int:
 
 @torch.no_grad()
 def generate_latents(sampler: SDSampler, prompts: list[str], seeds: list[int], batch_size: int) -> Tensor:
-    """[N, C, h, w] final latents sampled by the sampler's current weights, image i from noise seeded by seeds[i]
+    """[N, ...] final latents sampled by the sampler's current weights, image i from noise seeded by seeds[i]
     (see record_seed); the images are split over processes and gathered, in order, on every process."""
     state = _accelerator()
     mine = list(range(state.process_index, len(prompts), state.num_processes))
@@ -108,9 +108,7 @@ def generate_latents(sampler: SDSampler, prompts: list[str], seeds: list[int], b
                               generator=torch.Generator(sampler.device).manual_seed(seeds[indices[0]]))
         parts.append(traj.latents[:, -1].float())
     size = (len(prompts) + state.num_processes - 1) // state.num_processes
-    side = sampler.resolution // sampler.pipe.vae_scale_factor
-    local = torch.cat(parts) if parts else torch.zeros(0, sampler.unet.config.in_channels, side, side,
-                                                       device=sampler.device)
+    local = torch.cat(parts) if parts else torch.zeros(sampler.latent_shape(0), device=sampler.device)
     if state.num_processes == 1:
         return local.cpu()
     from accelerate.utils import gather
@@ -156,7 +154,7 @@ def score_latents(sampler: SDSampler, reward, latents: Tensor, prompts: list[str
 
     scores = []
     for start in range(0, len(prompts), batch_size):
-        images = sampler.decode(latents[start:start + batch_size].to(sampler.device, sampler.vae.dtype))
+        images = sampler.decode(latents[start:start + batch_size].to(sampler.device))
         scores.append(score(reward, images, prompts[start:start + batch_size])[0].float().cpu())
     return torch.cat(scores)
 
@@ -172,7 +170,7 @@ def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, 
     the policy sees the 2B noisy latents in one UNet call with grad, the reference in one call without.
     ``reference`` is a context under which the UNet is the reference model; None: the base model (adapters off).
     """
-    device, dtype = sampler.device, sampler.unet.dtype
+    device, dtype = sampler.device, sampler.dtype
     clean = torch.cat([winners, losers]).to(device, dtype)
     noise = torch.randn(clean.shape, generator=generator).to(device, dtype)
     if shared_noise:

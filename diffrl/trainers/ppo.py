@@ -71,14 +71,13 @@ def optimizer_steps_per_rollout(config: ClippedSurrogateConfig, section: str, nu
 
 
 def require_stochastic(sampler: SDSampler, method: str) -> None:
-    """The policy-gradient trainers train the stochastic steps of DDIM with η > 0."""
-    if sampler.scheduler_name != "ddim":
-        raise UserInputError(f"{method} trains the likelihoods of stochastic DDIM steps, so it needs "
-                             f"sample.scheduler=ddim with sample.eta > 0, not {sampler.scheduler_name} "
-                             "(few-step students train with trainer=pso)")
-    if sampler.eta <= 0 or not sampler.stochastic_steps:
-        raise UserInputError(f"{method} optimises the likelihood of stochastic steps: set sample.eta > 0 "
-                             "(the paper uses 1.0); with eta = 0 the sampler has no log-probabilities")
+    """The policy-gradient trainers train the likelihoods of the sampler's stochastic steps (the papers': DDIM with
+    η = 1; any kernel with a density serves, e.g. a few-step student's euler_ancestral or lcm steps)."""
+    sampler.require_transitions(method)
+    if not sampler.stochastic_steps:
+        raise UserInputError(f"{method} optimises the likelihood of stochastic steps: set sample.eta > 0 with "
+                             "sample.scheduler=ddim (the paper uses 1.0), or sample euler_ancestral or lcm with at "
+                             "least 2 steps; this sampler has no log-probabilities")
 
 
 def stochastic_slots(sampler: SDSampler, config: ClippedSurrogateConfig, section: str) -> int:

@@ -32,7 +32,7 @@ def test_every_trainer_takes_steps_on_sdxl(trainer, tmp_path):
     """Two steps with finite metrics that move the LoRA: the trainer ran SDXL's UNet with its extra conditioning
     in every call it makes (sampling, recomputed log-probs, reference model, denoising errors)."""
     run = build_run(fast_config(SDXL, f"trainer={trainer}", *TRAINERS[trainer]), tmp_path)
-    assert run.sampler.is_sdxl
+    assert run.sampler.family.name == "sdxl"
     initial = lora_state(run.pipe.unet)
     for step in range(2):
         metrics = run.trainer.step(prompts_for_step(run.prompts, step, run.config.sample.batch_size, seed=0))
