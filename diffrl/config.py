@@ -20,13 +20,8 @@ import yaml
 
 from diffrl.atomic_files import write_text_atomic
 from diffrl.errors import UserInputError, unknown_name
-from diffrl.trainers.adjoint_matching import AdjointMatchingConfig
-from diffrl.trainers.ddpo import DdpoConfig
-from diffrl.trainers.dpok import DpokConfig
-from diffrl.trainers.draft import DraftConfig
-from diffrl.trainers.loop import LoopConfig
-from diffrl.trainers.pso import PsoConfig
-from diffrl.trainers.spin import SpinConfig
+from diffrl.sample_settings import check_settings
+from diffrl.trainers import TRAINERS, section_name, trainer_entry
 
 
 @dataclass
@@ -86,39 +81,58 @@ class LogConfig:
 
 
 @dataclass
-class Config:
+class SharedConfig:
+    """The sections every run has; Config adds one section per trainer of diffrl.trainers.TRAINERS."""
+
     model: str = "tiny"             # hub id, local diffusers folder, single-file checkpoint, or built-in name
     base_lora: str | None = None    # a LoRA fused into the model before training, making the student (LCM-LoRA,
     # DMD2): a local .safetensors file or folder, or owner/repo/file.safetensors on the hub
     base_lora_scale: float = 1.0    # the fused LoRA's scale (diffusers' fuse_lora lora_scale)
     vae: str | None = None          # a replacement VAE (hub id or local folder), e.g. madebyollin/sdxl-vae-fp16-fix
     # to decode SDXL in fp16; None: the model's own
-    trainer: str = "draft"          # which trainer section below is used
+    trainer: str = "draft"          # which trainer section below is used: a TRAINERS name or "package.module:Class"
     reward: str | dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})  # name, mod:Class or {name: w}
     reward_weights: dict[str, str] = field(default_factory=dict)  # reward name -> local weights file/folder; else HF
     prompts: str = "assets/prompts/simple.txt"  # text file, one prompt per line
     sample: SampleConfig = field(default_factory=SampleConfig)  # how images are sampled during training
     train: TrainConfig = field(default_factory=TrainConfig)     # optimizer, LoRA and run length
     log: LogConfig = field(default_factory=LogConfig)           # metrics, grids and checkpoints
-    draft: DraftConfig = field(default_factory=DraftConfig)     # DRaFT / AlignProp settings (diffrl.trainers.draft)
-    ddpo: DdpoConfig = field(default_factory=DdpoConfig)        # DDPO settings (diffrl.trainers.ddpo)
-    loop: LoopConfig = field(default_factory=LoopConfig)        # LOOP settings (diffrl.trainers.loop)
-    dpok: DpokConfig = field(default_factory=DpokConfig)        # DPOK settings (diffrl.trainers.dpok)
-    adjoint_matching: AdjointMatchingConfig = field(default_factory=AdjointMatchingConfig)  # (trainers.adjoint_matching)
-    spin: SpinConfig = field(default_factory=SpinConfig)        # SPIN-Diffusion settings (diffrl.trainers.spin)
-    pso: PsoConfig = field(default_factory=PsoConfig)           # PSO settings (diffrl.trainers.pso)
 
     def __post_init__(self) -> None:
         validate(self)
+
+
+def _with_sections(base: type, sections: dict[str, type]) -> type:
+    """``base`` plus one field per trainer section, named like the trainer, defaulting to the section's defaults
+    (each section's fields are documented in its trainer's file: DraftConfig in diffrl/trainers/draft.py, ...)."""
+    cls = dataclasses.make_dataclass("Config", [(name, section, field(default_factory=section))
+                                                for name, section in sections.items()], bases=(base,))
+    cls.__module__, cls.__qualname__ = __name__, "Config"
+    return cls
+
+
+Config = _with_sections(SharedConfig, {name: config_class for name, (config_class, _) in TRAINERS.items()})
+Config.__doc__ = """A run's whole configuration: the shared sections and one section per trainer (only the active
+trainer's is used and saved)."""
+
+
+def config_class_for(trainer: str) -> type:
+    """Config, plus the section of a user trainer ("package.module:Class" whose class has a ``config_class``)."""
+    config_class, _ = trainer_entry(trainer)
+    name = section_name(trainer)
+    if ":" not in trainer or config_class is None:
+        return Config
+    if name in _field_types(Config):
+        raise UserInputError(f"trainer {trainer!r}: its section would be named {name!r}, which is taken; rename "
+                             "the class")
+    return _with_sections(Config, {name: config_class})
 
 
 SHARED_SECTIONS = ("sample", "train", "log")
 
 # (key path, lowest allowed, highest allowed); None values of `X | None` fields are skipped.
 _RANGES: list[tuple[str, float | None, float | None]] = [
-    ("sample.num_steps", 1, None),
     ("sample.batch_size", 1, None),
-    ("sample.eta", 0.0, 1.0),
     ("sample.resolution", 1, None),
     ("train.steps", 0, None),
     ("train.lora_rank", 1, None),
@@ -133,20 +147,22 @@ _RANGES: list[tuple[str, float | None, float | None]] = [
 
 
 def trainer_sections(config_cls: type = Config) -> dict[str, type]:
-    """Trainer name -> its config class: every dataclass field of Config except the shared sections."""
+    """Section name -> its config class: every dataclass field of the config class except the shared sections."""
     hints = _field_types(config_cls)
     return {n: t for n, t in hints.items() if dataclasses.is_dataclass(t) and n not in SHARED_SECTIONS}
 
 
 def validate(config: Config) -> None:
     """Reject values that no run could use; called by Config.__post_init__."""
-    sections = trainer_sections(type(config))
-    if config.trainer not in sections:
-        raise unknown_name("trainer", config.trainer, sections)
-    timesteps = config.sample.timesteps
-    if timesteps is not None and len(timesteps) != config.sample.num_steps:
-        raise UserInputError(f"sample.timesteps has {len(timesteps)} values but sample.num_steps is "
-                             f"{config.sample.num_steps}; set sample.num_steps={len(timesteps)}")
+    config_class, _ = trainer_entry(config.trainer)
+    if config_class is not None and section_name(config.trainer) not in trainer_sections(type(config)):
+        raise UserInputError(f"trainer {config.trainer!r} has a config_class, so its config needs its section: "
+                             "build it with load_config (or diffrl.config.config_class_for)")
+    sample = config.sample
+    if sample.timesteps is not None and len(sample.timesteps) != sample.num_steps:
+        raise UserInputError(f"sample.timesteps has {len(sample.timesteps)} values but sample.num_steps is "
+                             f"{sample.num_steps}; set sample.num_steps={len(sample.timesteps)}")
+    check_settings(sample.num_steps, sample.eta, sample.schedule, sample.scheduler, sample.timesteps)
     if isinstance(config.reward, dict) and not config.reward:
         raise UserInputError("reward is an empty mapping; give at least one reward name -> weight")
     for path, low, high in _RANGES:
@@ -163,16 +179,27 @@ def validate(config: Config) -> None:
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (None: all defaults), apply `key.path=value` overrides in order, check everything."""
     raw = {} if path is None else _read_yaml(Path(path))
+    config_cls = _config_class_of(raw, overrides)
     for override in overrides:
-        _apply_override(raw, override)
-    return _build(Config, raw, "")
+        _apply_override(raw, override, config_cls)
+    return _build(config_cls, raw, "")
+
+
+def _config_class_of(raw: dict, overrides: Sequence[str]) -> type:
+    """The config class of the trainer the file and overrides name (the last `trainer=` override wins)."""
+    trainer = raw.get("trainer", SharedConfig.trainer)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if sep and key.strip() == "trainer":
+            trainer = yaml.safe_load(text)
+    return config_class_for(trainer) if isinstance(trainer, str) and ":" in trainer else Config
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The resolved config as plain data, with only the active trainer's section (the others do not affect the run)."""
     data = dataclasses.asdict(config)
     for name in trainer_sections(type(config)):
-        if name != config.trainer:
+        if name != section_name(config.trainer):
             del data[name]
     return data
 
@@ -310,7 +337,7 @@ def _convert_union(value: Any, tp: Any, arms: tuple, path: str) -> Any:
 
 # ---- overrides ----
 
-def _apply_override(raw: dict, override: str) -> None:
+def _apply_override(raw: dict, override: str, root: type = Config) -> None:
     """Set one `key.path=value` in the raw (not yet checked) config mapping."""
     key, sep, text = override.partition("=")
     parts = key.strip().split(".")
@@ -320,7 +347,7 @@ def _apply_override(raw: dict, override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise UserInputError(f"override {override!r}: the value {text!r} is not valid YAML") from None
-    cls, node = Config, raw
+    cls, node = root, raw
     for i, name in enumerate(parts):
         hints, prefix = _field_types(cls), ".".join(parts[:i])
         if name not in hints:

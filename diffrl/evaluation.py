@@ -200,9 +200,7 @@ def sampled_batches(targets: list[Target], prompts: list[str], seeds: list[int],
     sampler = None
     for target, pipe in pipelines(targets, device, dtype, sample.vae_slicing):
         if sampler is None or sampler.pipe is not pipe:  # one sampler per pipeline: the LoRA swap happens under it
-            sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
-                                negative_prompt=sample.negative_prompt, gradient_checkpointing=False,
-                                schedule=sample.schedule, scheduler=sample.scheduler, timesteps=sample.timesteps)
+            sampler = SDSampler.from_config(pipe, sample, gradient_checkpointing=False)
         for start in range(0, len(pairs), batch_size):
             indices, batch_seeds = zip(*pairs[start:start + batch_size])
             traj = sample_with_seeds(sampler, [prompts[index] for index in indices], list(batch_seeds))

@@ -125,7 +125,7 @@ def _caption_file_records(folder: Path) -> list[ImageRecord]:
 
 def _import_datasets():
     try:
-        import datasets   # here, not at the top: it takes seconds to import and only dataset sources need it
+        import datasets  # here, not at the top: it takes seconds to import and only dataset sources need it
     except ImportError:
         raise UserInputError("reading a Hugging Face dataset needs the datasets package: pip install datasets") from None
     return datasets

@@ -252,12 +252,14 @@ def _pipeline_class_name(name_or_path: str) -> str:
     return json.loads(index.read_text(encoding="utf-8")).get("_class_name", "<no _class_name>")
 
 
-def is_sdxl_single_file(path: str | Path) -> bool:
-    """Whether a single-file checkpoint is SDXL: it holds a second text encoder (read from the header only)."""
+def single_file_pipeline_class(path: str | Path) -> str:
+    """The pipeline class of a single-file checkpoint, from its tensor names (the header only): SDXL's files hold a
+    second text encoder (conditioner.embedders.1)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as weights:
-        return any(key.startswith("conditioner.embedders.1.") for key in weights.keys())
+        sdxl = any(key.startswith("conditioner.embedders.1.") for key in weights.keys())
+    return "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
 
 
 def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
@@ -266,17 +268,15 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline
     if path.suffix == ".ckpt":
         raise UserInputError(f"{path} is a pickled .ckpt checkpoint, which diffrl does not load because unpickling "
                              "can run arbitrary code; convert it to .safetensors first")
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     try:
-        sdxl = is_sdxl_single_file(path)
+        class_name = single_file_pipeline_class(path)
     except Exception as error:  # safetensors raises its own SafetensorError for a file that is not safetensors
         raise UserInputError(f"model file {str(path)!r} is not a readable safetensors file ({_first_line(error)})"
                              ) from error
     try:
-        if sdxl:
-            return StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=dtype)
-        return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype)
+        return getattr(diffusers, class_name).from_single_file(str(path), torch_dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserInputError(_load_failure_sentence(str(path), error)) from error
 

@@ -90,5 +90,7 @@ class Optimization:
         scheduler.base_lrs = [learning_rate] * len(groups)
         for group, factor in zip(groups, factors):
             group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor
+        # get_last_lr() (the logged "lr") reads _last_lr, which torch sets only in step(); it has no public setter,
+        # and a step() here would advance the schedule by one.
         scheduler._last_lr = [group["lr"] for group in groups]
 

@@ -28,8 +28,9 @@ from diffrl.errors import UserInputError, unknown_name
 from diffrl.families import family_of
 from diffrl.gaussian import forward_noised, gaussian_log_prob, x0_eps_from_model_output
 from diffrl.lora import has_lora
-from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel, per_step
+from diffrl.sample_settings import MIDPOINT_FINAL_ALPHA, SCHEDULE_PRESETS, check_settings
 from diffrl.trajectory import Conditioning, Trajectory
+from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel, per_step
 
 
 class Sampler(Protocol):
@@ -49,19 +50,6 @@ class TransitionStep:
     std: Tensor            # σ_t(η), float32, broadcastable to the latents
     noise_pred: Tensor     # guided ε̂ (converted from v for v-prediction models), float32
 
-
-# Named scheduler settings a recipe can opt into with `sample.schedule`; "model" keeps the pipeline's own config.
-SCHEDULE_PRESETS: dict[str, dict] = {
-    "model": {},
-    # Adjoint Matching's fine-tuning schedule (microsoft/soc-fine-tuning-sd): smaller betas, trailing spacing, and a
-    # final ᾱ halfway between 1 and ᾱ of the last sampled timestep, which keeps the last step's σ away from 0 (the
-    # control is divided by σ). DDIM only.
-    "adjoint_matching": {"beta_start": 0.002, "beta_end": 0.009, "beta_schedule": "scaled_linear",
-                         "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False},
-    # Few-step students (SD-Turbo, SDXL-Turbo) are distilled on trailing timesteps: 1 step starts at t = 999.
-    "trailing": {"timestep_spacing": "trailing"},
-}
-MIDPOINT_FINAL_ALPHA = {"adjoint_matching"}
 
 # The samplers whose every step is a Gaussian transition the sampler can recompute (diffrl.transitions): they have
 # log-probs and serve every trainer. Any other diffusers scheduler class name samples through its own `step`.
@@ -96,15 +84,8 @@ class SDSampler:
                  eta: float = 1.0, resolution: int | None = None, *, negative_prompt: str = "",
                  gradient_checkpointing: bool = True, schedule: str = "model", scheduler: str = "ddim",
                  timesteps: list[int] | None = None):
-        if not 0.0 <= eta <= 1.0:
-            raise UserInputError(f"eta must be in [0, 1], got {eta}")
-        if timesteps is not None:
-            if scheduler != "lcm":
-                raise UserInputError(f"explicit sample.timesteps need sample.scheduler=lcm (as DMD2 samples); "
-                                     f"{scheduler} takes only sample.num_steps")
-            num_steps = len(timesteps)
-        if num_steps < 1:
-            raise UserInputError(f"num_steps must be at least 1, got {num_steps}")
+        num_steps = num_steps if timesteps is None else len(timesteps)
+        check_settings(num_steps, eta, schedule, scheduler, timesteps)
         self.custom_timesteps = None if timesteps is None else list(timesteps)
         self.pipe, self.family = pipe, family_of(pipe)
         self.network, self.vae = self.family.denoiser, self.family.vae   # the UNet or transformer, and its VAE
@@ -117,10 +98,6 @@ class SDSampler:
             # batch 4, 512 px, H100). It acts only when grad is enabled, so no-grad decoding is unchanged, and it
             # stays on: switching it off between forward and backward would change what backward recomputes.
             self.vae.enable_gradient_checkpointing()
-        if schedule not in SCHEDULE_PRESETS:
-            raise unknown_name("schedule", schedule, SCHEDULE_PRESETS)
-        if schedule in MIDPOINT_FINAL_ALPHA and scheduler != "ddim":
-            raise UserInputError(f"sample.schedule={schedule} is a DDIM schedule; use it with sample.scheduler=ddim")
         self.schedule, self.scheduler_name = schedule, scheduler
         # A private scheduler from the pipeline's config (betas, prediction type, ...); the pipeline keeps its own.
         self.scheduler = scheduler_class(scheduler).from_config(pipe.scheduler.config, **SCHEDULE_PRESETS[schedule])
@@ -133,6 +110,14 @@ class SDSampler:
         self.resolution = resolution or self.family.default_resolution()
         self.family.latent_shape(1, self.resolution)   # refuses a resolution the latent grid cannot hold
         self._set_schedule()
+
+    @classmethod
+    def from_config(cls, pipe: DiffusionPipeline, sample, *, gradient_checkpointing: bool) -> SDSampler:
+        """The sampler a run config's ``sample`` section (diffrl.config.SampleConfig) describes: training and
+        evaluation build theirs here, so both sample alike."""
+        return cls(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
+                   negative_prompt=sample.negative_prompt, gradient_checkpointing=gradient_checkpointing,
+                   schedule=sample.schedule, scheduler=sample.scheduler, timesteps=sample.timesteps)
 
     @property
     def has_transitions(self) -> bool:

@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (DistributedType, ProjectConfiguration, is_tensorboard_available, is_wandb_available,
-                               set_seed)
+                              set_seed)
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
-from diffrl.atomic_files import write_text_atomic
 from diffrl.checkpoint import (Processes, TrainingState, checkpoint_name, list_checkpoints, load_latest_checkpoint,
                                prune_checkpoints, recover_interrupted_saves, save_checkpoint)
 from diffrl.config import Config, config_to_dict, save_config
-from diffrl.errors import NonFiniteError, UserInputError, unknown_name
-from diffrl.grids import image_grid, save_image_atomic
+from diffrl.errors import UserInputError, unknown_name
 from diffrl.families import family_of
+from diffrl.grids import image_grid, save_image_atomic
 from diffrl.lora import NoLoraTargetError
 from diffrl.models import load_model
+from diffrl.nonfinite import StepUndo, fp16_skipped_updates, non_finite, skip_step
 from diffrl.optimization import Optimization
 from diffrl.prompt_order import prompts_for_step
 from diffrl.report import write_report
-from diffrl.sampler import SCHEDULE_PRESETS, SDSampler, scheduler_class
-from diffrl.trainers import TRAINERS
+from diffrl.sampler import SDSampler, scheduler_class
+from diffrl.tracking import (append_metrics, drop_metrics_after, log_grid_to_trackers, mean_over_processes,
+                             start_trackers)
+from diffrl.trainers import REQUIRED_METRICS, section_name, trainer_entry
 from rewards import load_reward
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TRACKER_PROJECT = "diffrl"  # the wandb project; also the TensorBoard subfolder: DIR/tensorboard/diffrl/
 
 
 @dataclass
@@ -79,8 +77,6 @@ def check_environment(config: Config) -> None:
     schedulers = [kind.value for kind in SchedulerType]
     if config.train.lr_scheduler not in schedulers:
         raise unknown_name("lr_scheduler", config.train.lr_scheduler, schedulers)
-    if config.sample.schedule not in SCHEDULE_PRESETS:
-        raise unknown_name("sample.schedule", config.sample.schedule, SCHEDULE_PRESETS)
     scheduler_class(config.sample.scheduler)
     tracker = config.log.tracker
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
@@ -92,37 +88,50 @@ def check_environment(config: Config) -> None:
 def build_run(config: Config, output_dir: Path) -> Run:
     """Model, LoRA, reward, sampler, optimiser and trainer from the config, on accelerate."""
     check_environment(config)
-    train_config = config.train
     accelerator = _fresh_accelerator(
-        mixed_precision=train_config.mixed_precision,
-        gradient_accumulation_steps=train_config.gradient_accumulation_steps,
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=None if config.log.tracker == "none" else config.log.tracker,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tensorboard")))
     check_distributed_type(accelerator.distributed_type)
-    set_seed(train_config.seed, device_specific=True)  # seed + process index: each process draws its own noise
+    set_seed(config.train.seed, device_specific=True)  # seed + process index: each process draws its own noise
     prompts = load_prompts(config.prompts)
-    config_class, trainer_class = TRAINERS[config.trainer]
-    optimizer_steps = max(math.ceil(train_config.steps * trainer_class.optimizer_steps_per_step(config)), 1)
+    config_class, trainer_class = trainer_entry(config.trainer)
+    optimizer_steps = max(math.ceil(config.train.steps * trainer_class.optimizer_steps_per_step(config)), 1)
     reward = load_reward(config.reward, config.reward_weights)
     if isinstance(reward, torch.nn.Module):  # reward models run in the run's weight dtype; scores stay float32
-        reward.requires_grad_(False).eval().to(accelerator.device, WEIGHT_DTYPES[train_config.mixed_precision])
+        reward.requires_grad_(False).eval().to(accelerator.device, WEIGHT_DTYPES[config.train.mixed_precision])
+    pipe, params = trainable_model(config, accelerator.device)
+    sampler = SDSampler.from_config(pipe, config.sample, gradient_checkpointing=uses_gradient_checkpointing(config))
+    optimization = _optimization(config.train, accelerator, sampler, params, optimizer_steps)
+    section = getattr(config, section_name(config.trainer)) if config_class is not None else None
+    trainer = trainer_class(section, sampler, reward, optimization, run_dir=output_dir)
+    state = TrainingState(optimization.optimizer, optimization.lr_scheduler, trainer, optimization)
+    return Run(config, accelerator, pipe, sampler, reward, trainer, state, prompts, optimization)
+
+
+def trainable_model(config: Config, device) -> tuple[object, list[torch.nn.Parameter]]:
+    """The run's pipeline with everything but a fresh LoRA on its denoiser frozen, and the LoRA's parameters."""
+    train_config = config.train
     pipe = load_model(config.model, base_lora=config.base_lora, base_lora_scale=config.base_lora_scale,
                       vae=config.vae, vae_float32=train_config.vae_float32,
-                      dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=accelerator.device)
+                      dtype=WEIGHT_DTYPES[train_config.mixed_precision], device=device)
     family = family_of(pipe)
     for frozen in family.frozen_modules():
         frozen.requires_grad_(False)
-    set_attention(pipe, train_config.attention, accelerator.device)
+    set_attention(pipe, train_config.attention, device)
     params = _add_lora(family, train_config)
-    sample = config.sample
-    if sample.vae_slicing:
+    if config.sample.vae_slicing:
         pipe.vae.enable_slicing()
     if train_config.compile:   # in place: the module, its parameter names and the LoRA file stay as they are
         family.denoiser.compile()
-    sampler = SDSampler(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
-                        negative_prompt=sample.negative_prompt,
-                        gradient_checkpointing=uses_gradient_checkpointing(config), schedule=sample.schedule,
-                        scheduler=sample.scheduler, timesteps=sample.timesteps)
+    return pipe, params
+
+
+def _optimization(train_config, accelerator: Accelerator, sampler: SDSampler, params: list[torch.nn.Parameter],
+                  optimizer_steps: int) -> Optimization:
+    """AdamW and the LR schedule over the LoRA parameters, prepared by accelerate with the denoiser (DDP-wrapped
+    in a multi-process run; the sampler's forward calls go through the wrapper)."""
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=train_config.weight_decay,
                                   betas=(train_config.adam_beta1, train_config.adam_beta2),
                                   eps=train_config.adam_epsilon)
@@ -131,14 +140,9 @@ def build_run(config: Config, output_dir: Path) -> Run:
         train_config.lr_scheduler, optimizer,
         num_warmup_steps=train_config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=optimizer_steps * accelerator.num_processes)
-    denoiser, optimizer, lr_scheduler = accelerator.prepare(family.denoiser, optimizer, lr_scheduler)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(sampler.network, optimizer, lr_scheduler)
     sampler.denoiser = denoiser
-    optimization = Optimization(accelerator, denoiser, optimizer, lr_scheduler, params, train_config.max_grad_norm)
-    # Trainers that cache data (dataset latents, generated images) keep it in the run folder, so resume finds it.
-    context = {"run_dir": output_dir} if getattr(trainer_class, "needs_run_dir", False) else {}
-    trainer = trainer_class(getattr(config, config.trainer), sampler, reward, optimization, **context)
-    return Run(config, accelerator, pipe, sampler, reward, trainer,
-               TrainingState(optimizer, lr_scheduler, trainer, optimization), prompts, optimization)
+    return Optimization(accelerator, denoiser, optimizer, lr_scheduler, params, train_config.max_grad_norm)
 
 
 def check_distributed_type(distributed_type: DistributedType) -> None:
@@ -157,7 +161,7 @@ def uses_gradient_checkpointing(config: Config) -> bool:
     sizes (recomputing it there costs a forward per backward for little memory)."""
     if config.train.gradient_checkpointing is not None:
         return config.train.gradient_checkpointing
-    return getattr(TRAINERS[config.trainer][1], "backpropagates_through_sampling", False)
+    return trainer_entry(config.trainer)[1].backpropagates_through_sampling
 
 
 def set_attention(pipe, attention: str, device: torch.device) -> None:
@@ -186,7 +190,8 @@ def _add_lora(family, train_config) -> list[torch.nn.Parameter]:
 def _fresh_accelerator(**settings) -> Accelerator:
     """An Accelerator with these settings even if this process built one before (a notebook, tests, train then
     evaluate). accelerate keeps mixed precision and accumulation in process-wide singletons that refuse a change;
-    they are cleared here, while the distributed state (PartialState, the process group) is kept."""
+    they are cleared here, while the distributed state (PartialState, the process group) is kept. accelerate has no
+    public reset (its own tests call these same _reset_state methods)."""
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(**settings)
@@ -206,11 +211,11 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet
         if main:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, output_dir / "config.yaml")
-            _start_trackers(run.accelerator, config, output_dir)
+            start_trackers(run.accelerator, config.log.tracker, config_to_dict(config), output_dir)
             if start == 0:
                 write_grid(run, output_dir, 0)
             else:
-                _drop_metrics_after(output_dir / "metrics.jsonl", start)
+                drop_metrics_after(output_dir / "metrics.jsonl", start)
             write_report(output_dir)
         result = _loop(run, output_dir, start, quiet or not main)
         if main:
@@ -252,30 +257,6 @@ def _check_same_checkpoint(accelerator: Accelerator, step: int) -> None:
                              "folder away and resume again")
 
 
-def _start_trackers(accelerator: Accelerator, config: Config, output_dir: Path) -> None:
-    """TensorBoard logs go to DIR/tensorboard/; a wandb run is named after the run folder and keeps its files there."""
-    if config.log.tracker == "none":
-        return
-    accelerator.init_trackers(TRACKER_PROJECT, config=flat_config(config),
-                              init_kwargs={"wandb": {"name": output_dir.resolve().name, "dir": str(output_dir)}})
-
-
-def flat_config(config: Config) -> dict[str, bool | int | float | str]:
-    """The resolved config as one level of dotted keys, the form tracker hyperparameter tables take: lists and None
-    become their JSON text, because TensorBoard's add_hparams accepts only scalars and strings."""
-    flat = {}
-
-    def visit(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                visit(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-    visit("", config_to_dict(config))
-    return flat
-
-
 def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
     config, accelerator = run.config, run.accelerator
     steps, log = config.train.steps, config.log
@@ -285,21 +266,26 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
     for step in bar:
         prompts = prompts_for_step(run.prompts, step, config.sample.batch_size, config.train.seed,
                                    accelerator.process_index, accelerator.num_processes)
-        undo = _snapshot(run) if config.train.max_nonfinite_skips else None
+        undo = StepUndo(run.state, accelerator) if config.train.max_nonfinite_skips else None
         with accelerator.autocast():
             metrics = run.trainer.step(prompts)
-        metrics = _mean_over_processes(accelerator, metrics)
+        if missing := [name for name in REQUIRED_METRICS if name not in metrics]:
+            raise TypeError(f"trainer {config.trainer!r} returned metrics without {', '.join(missing)} (the Trainer "
+                            f"protocol: every step returns {', '.join(REQUIRED_METRICS)}); it returned {list(metrics)}")
+        metrics = mean_over_processes(accelerator, metrics)
         done = step + 1
         if accelerator.scaler is not None:
-            metrics["fp16_skipped_updates"] = float(_fp16_skipped_updates(run, done, last_checkpoint))
-        if bad := _non_finite(metrics):
-            metrics = _skip_step(run, undo, metrics, bad, done, last_checkpoint)
+            metrics["fp16_skipped_updates"] = float(fp16_skipped_updates(run.optimization, done, last_checkpoint))
+        if bad := non_finite(metrics):
+            metrics = skip_step(undo, metrics, bad, done, run.nonfinite_skips, config.train.max_nonfinite_skips,
+                                last_checkpoint, main_process=accelerator.is_main_process)
+            run.nonfinite_skips = metrics["nonfinite_skips"]
         else:
             metrics = {"step": done, **metrics, "lr": run.state.lr_scheduler.get_last_lr()[0]}
             first, last = first or metrics, metrics
             bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.4g}")
         if accelerator.is_main_process and (done % log.every == 0 or done == steps or bad):
-            _append_metrics(output_dir / "metrics.jsonl", metrics)
+            append_metrics(output_dir / "metrics.jsonl", metrics)
             accelerator.log(metrics, step=done)
         grid_due, checkpoint_due = done % log.grid_every == 0, done % log.checkpoint_every == 0
         if grid_due or done == steps:
@@ -309,89 +295,6 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
         if accelerator.is_main_process and (grid_due or checkpoint_due) and done < steps:
             write_report(output_dir)  # train() writes the last one, after the loop
     return RunResult(output_dir, steps, first, last, last_checkpoint)
-
-
-def _fp16_skipped_updates(run: Run, step: int, last_checkpoint: Path | None) -> int:
-    """Updates fp16 loss scaling skipped so far; stops the run when they no longer end (see optimization.py)."""
-    optimization = run.optimization
-    if optimization.scaler_overflowing():
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        raise NonFiniteError(f"step {step}: fp16 loss scaling skipped the last {optimization.consecutive_scaler_skips} "
-                             "optimizer updates because the gradients overflow float16 at any scale; train with "
-                             f"train.mixed_precision=bf16 (or no) instead ({kept})")
-    return optimization.scaler_skips
-
-
-def _mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    if accelerator.num_processes == 1:
-        return metrics
-    values = torch.tensor(list(metrics.values()), device=accelerator.device)
-    return dict(zip(metrics, accelerator.reduce(values, reduction="mean").tolist()))
-
-
-def _non_finite(metrics: dict[str, float]) -> list[str]:
-    return [name for name, value in metrics.items() if not math.isfinite(value)]
-
-
-def _skip_step(run: Run, undo: dict | None, metrics: dict[str, float], bad: list[str], step: int,
-               last_checkpoint: Path | None) -> dict:
-    """Undo a step whose loss, reward or grad norm was NaN/inf and return its metrics row, or stop the run when
-    that would exceed train.max_nonfinite_skips (0: stop at the first)."""
-    allowed = run.config.train.max_nonfinite_skips
-    what = f"{', '.join(bad)} became non-finite"
-    if run.nonfinite_skips >= allowed:
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        over = f" after {allowed} skipped steps (train.max_nonfinite_skips={allowed})" if allowed else ""
-        raise NonFiniteError(f"step {step}: {what}{over}; stopping the run ({kept})")
-    _restore(run, undo)
-    run.nonfinite_skips += 1
-    if run.accelerator.is_main_process:
-        tqdm.write(f"diffrl: step {step} skipped: {what} ({run.nonfinite_skips} of {allowed} skips allowed)",
-                   file=sys.stderr)
-    finite = {name: value for name, value in metrics.items() if name not in bad}
-    return {"step": step, "skipped": what, "nonfinite_skips": run.nonfinite_skips, **finite}
-
-
-def _snapshot(run: Run) -> dict:
-    """What one step changes (weights, gradients being accumulated, optimiser, schedule, trainer state such as
-    DDPO's per-prompt reward buffers), copied so that a NaN/inf step can be undone as if it never ran. LoRA
-    weights and their optimiser state are small, so the copy costs little next to the step itself."""
-    params = [p for group in run.state.optimizer.param_groups for p in group["params"]]
-    return {"params": [p.detach().clone() for p in params],
-            "grads": [None if p.grad is None else p.grad.clone() for p in params],
-            "optimizer": copy.deepcopy(run.state.optimizer.state_dict()),
-            "lr_scheduler": copy.deepcopy(run.state.lr_scheduler.state_dict()),
-            "trainer": copy.deepcopy(run.state.trainer.state_dict()),
-            "loss_scaler": copy.deepcopy(run.optimization.state_dict()),
-            "accumulation_step": run.accelerator.step}
-
-
-@torch.no_grad()
-def _restore(run: Run, snapshot: dict) -> None:
-    params = [p for group in run.state.optimizer.param_groups for p in group["params"]]
-    for param, value, grad in zip(params, snapshot["params"], snapshot["grads"]):
-        param.copy_(value)
-        param.grad = grad
-    run.state.optimizer.load_state_dict(snapshot["optimizer"])
-    run.state.lr_scheduler.load_state_dict(snapshot["lr_scheduler"])
-    run.state.trainer.load_state_dict(snapshot["trainer"])
-    run.optimization.load_state_dict(snapshot["loss_scaler"])
-    run.accelerator.step = snapshot["accumulation_step"]
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """A run that died after its last checkpoint logged steps that the resumed run repeats; keep one row per step."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
-    if len(kept) != len(rows):
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _append_metrics(path: Path, metrics: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(metrics) + "\n")
 
 
 def _save(run: Run, output_dir: Path, step: int) -> Path:
@@ -428,19 +331,3 @@ def write_grid(run: Run, output_dir: Path, step: int) -> Path | None:
     save_image_atomic(grid, path)
     log_grid_to_trackers(run.accelerator, grid, step)
     return path
-
-
-def log_grid_to_trackers(accelerator: Accelerator, grid, step: int) -> None:
-    """The grid as an image under the tag "grid". accelerate's own log_images wants image batches for TensorBoard,
-    hence the writer's add_image with an HWC array there; wandb takes a wandb.Image."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("grid", np.asarray(grid), global_step=step, dataformats="HWC")
-            tracker.writer.flush()
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"grid": wandb.Image(grid, caption=f"step {step}")}, step=step)
-
-
-

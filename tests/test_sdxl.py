@@ -254,13 +254,13 @@ def test_single_file_family_is_read_from_tensor_names(tmp_path):
     """SDXL single files (the original Stability layout) hold a second text encoder under conditioner.embedders.1."""
     from safetensors.torch import save_file
 
-    from diffrl.models import is_sdxl_single_file
+    from diffrl.models import single_file_pipeline_class
 
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
               str(tmp_path / "sd15.safetensors"))
-    assert is_sdxl_single_file(tmp_path / "xl.safetensors")
-    assert not is_sdxl_single_file(tmp_path / "sd15.safetensors")
+    assert single_file_pipeline_class(tmp_path / "xl.safetensors") == "StableDiffusionXLPipeline"
+    assert single_file_pipeline_class(tmp_path / "sd15.safetensors") == "StableDiffusionPipeline"
 
 
 def test_sdxl_lora_round_trip_through_plain_diffusers_keeps_alpha(tmp_path, sdxl_pipe):

@@ -12,9 +12,11 @@ import yaml
 from PIL import Image
 
 from diffrl.checkpoint import list_checkpoints
+from diffrl.config import config_to_dict
 from diffrl.errors import NonFiniteError, UserInputError
 from diffrl.models import build_tiny_pipeline
-from diffrl.training import build_run, flat_config, load_prompts, log_grid_to_trackers, prompts_for_step, train
+from diffrl.tracking import flat_config, log_grid_to_trackers
+from diffrl.training import build_run, load_prompts, prompts_for_step, train
 from tests.fixtures import NanRewardBase, assert_same_gradients, fast_config
 
 SHORT = ["train.steps=3", "log.checkpoint_every=2", "log.grid_every=2", "sample.num_steps=2", "sample.batch_size=2"]
@@ -244,7 +246,7 @@ def test_tensorboard_tracker_gets_scalars_hparams_and_grid_images(tmp_path):
 
 
 def test_flat_config_gives_trackers_dotted_scalar_keys():
-    flat = flat_config(fast_config("reward={brightness: 1.0, contrast: 0.5}"))
+    flat = flat_config(config_to_dict(fast_config("reward={brightness: 1.0, contrast: 0.5}")))
     assert flat["train.learning_rate"] == 1e-4 and flat["reward.contrast"] == 0.5
     assert flat["log.grid_seeds"] == "[0, 1]" and flat["train.lora_alpha"] == "null"
     assert all(isinstance(value, (bool, int, float, str)) for value in flat.values())

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from diffrl.errors import UserInputError
 from diffrl.families.family import ModelFamily
-from diffrl.trajectory import Conditioning
 from diffrl.families.stable_diffusion import StableDiffusionFamily
 from diffrl.families.stable_diffusion_xl import StableDiffusionXLFamily
+from diffrl.trajectory import Conditioning
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     StableDiffusionFamily.name: StableDiffusionFamily,

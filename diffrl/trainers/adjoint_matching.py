@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -61,8 +62,10 @@ class AdjointMatchingConfig:
 class AdjointMatchingTrainer:
     """Adjoint Matching: regress the control (μ_θ − μ_base)/σ onto −σ·(lean adjoint) at a few steps."""
 
+    backpropagates_through_sampling = False
+
     def __init__(self, config: AdjointMatchingConfig, sampler: SDSampler, reward: Reward,
-                 optimization: Optimization):
+                 optimization: Optimization, *, run_dir: Path):
         check_config(config, sampler, reward)
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -16,6 +16,7 @@ Recipe values from the paper's code: LoRA lr 3e-4, DDIM η 1, CFG 5, 50 steps, c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,8 +24,8 @@ from torch import Tensor
 
 from diffrl.metrics import metrics_to_floats
 from diffrl.policy_gradient import PerPromptStatTracker
-from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic,
-                                 rollout, rollout_metrics, stochastic_slots, train_on_rollout)
+from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic, rollout,
+                                 rollout_metrics, stochastic_slots, train_on_rollout)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -42,7 +43,10 @@ class DdpoConfig(ClippedSurrogateConfig):
 class DdpoTrainer:
     """DDPO_IS: PPO-clipped policy gradient over denoising steps with per-prompt reward normalisation."""
 
-    def __init__(self, config: DdpoConfig, sampler: SDSampler, reward: Reward, optimization: Optimization):
+    backpropagates_through_sampling = False
+
+    def __init__(self, config: DdpoConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
+                 run_dir: Path):
         require_stochastic(sampler, "DDPO")
         self.config, self.sampler, self.reward, self.optimization = config, sampler, reward, optimization
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -30,9 +30,10 @@ CLIP ViT-L/14 text tower the official code loads separately, without its project
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -72,7 +73,10 @@ class DpokConfig:
 class DpokTrainer:
     """DPOK: KL-regularised policy gradient with a replay buffer and a learned value baseline."""
 
-    def __init__(self, config: DpokConfig, sampler: SDSampler, reward: Reward, optimization: Optimization):
+    backpropagates_through_sampling = False
+
+    def __init__(self, config: DpokConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
+                 run_dir: Path):
         require_stochastic(sampler, "DPOK")
         for name in ("buffer_size", "p_step", "p_batch_size", "v_step", "v_batch_size"):
             if getattr(config, name) < 1:
@@ -118,7 +122,7 @@ class DpokTrainer:
         """V(x_t) of these buffer transitions in reward units: mean + std · V_net."""
         mean, std = self._reward_standardisation()
         buffer = self.buffer
-        return mean + std * self.value_net(buffer.states[rows], buffer.text_embeds[rows], buffer.steps[rows])
+        return mean + std * self.value_net(buffer.latents[rows], buffer.text_embeds[rows], buffer.steps[rows])
 
     def _train_value(self) -> Tensor:
         mean, std = self._reward_standardisation()
@@ -128,7 +132,7 @@ class DpokTrainer:
             # Under DDP the value gradients are averaged across processes once, at the last micro-batch.
             last = micro_batch == self.config.v_step - 1
             with contextlib.nullcontext() if last else self.optimization.accelerator.no_sync(self.value_net):
-                predicted = self.value_net(self.buffer.states[rows], self.buffer.text_embeds[rows],
+                predicted = self.value_net(self.buffer.latents[rows], self.buffer.text_embeds[rows],
                                            self.buffer.steps[rows])
                 loss = F.mse_loss(predicted, (self.buffer.rewards[rows] - mean) / std)
                 (loss / self.config.v_step).backward()
@@ -158,11 +162,11 @@ class DpokTrainer:
     def policy_loss(self, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """−α · surrogate(ρ, A) + β · mean((ε̂_θ − ε̂_ref)²) on these buffer transitions, and its parts for logging."""
         config, sampler, buffer = self.config, self.sampler, self.buffer
-        states, steps = buffer.states[rows], buffer.steps[rows]
+        latents, steps = buffer.latents[rows], buffer.steps[rows]
         embeds, negative = sampler.encode_prompts([buffer.prompts[row] for row in rows.tolist()])
-        log_probs, step = sampler.transition_log_prob(states, buffer.next_states[rows], steps, embeds, negative)
+        log_probs, step = sampler.transition_log_prob(latents, buffer.next_latents[rows], steps, embeds, negative)
         with torch.no_grad():
-            reference = sampler.step(states, steps, embeds, negative, reference=True, add_noise=False).noise_pred
+            reference = sampler.step(latents, steps, embeds, negative, reference=True, add_noise=False).noise_pred
             advantages = buffer.rewards[rows]
             if self.value_net is not None:
                 advantages = advantages - self.baseline(rows)
@@ -194,12 +198,13 @@ class DpokTrainer:
 class TransitionBuffer:
     """DPOK's FIFO replay buffer of single denoising transitions; the oldest are dropped beyond `capacity`."""
 
-    TENSORS = ("states", "next_states", "steps", "log_probs", "rewards", "text_embeds")
+    TENSORS = ("latents", "next_latents", "steps", "log_probs", "rewards", "text_embeds")
+    FORMER_NAMES = {"latents": "states", "next_latents": "next_states"}   # their keys in checkpoints written before December 2026
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.prompts: list[str] = []
-        self.states = self.next_states = self.steps = self.log_probs = self.rewards = self.text_embeds = None
+        self.latents = self.next_latents = self.steps = self.log_probs = self.rewards = self.text_embeds = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -210,8 +215,8 @@ class TransitionBuffer:
         batch, num_steps = len(traj), len(steps)
         index = torch.tensor(steps, device=traj.latents.device)
         new = {
-            "states": traj.latents[:, index].transpose(0, 1).flatten(0, 1),
-            "next_states": traj.latents[:, index + 1].transpose(0, 1).flatten(0, 1),
+            "latents": traj.latents[:, index].transpose(0, 1).flatten(0, 1),
+            "next_latents": traj.latents[:, index + 1].transpose(0, 1).flatten(0, 1),
             "steps": index.repeat_interleave(batch),
             "log_probs": traj.log_probs[:, index].transpose(0, 1).flatten(),
             "rewards": rewards.float().repeat(num_steps),
@@ -224,7 +229,7 @@ class TransitionBuffer:
 
     def random_rows(self, count: int, generator: torch.Generator) -> Tensor:
         """`count` distinct rows (all of them if the buffer holds fewer), on the buffer's device."""
-        return torch.randperm(len(self), generator=generator)[:count].to(self.states.device)
+        return torch.randperm(len(self), generator=generator)[:count].to(self.latents.device)
 
     def state_dict(self) -> dict:
         return {"prompts": list(self.prompts), **{name: getattr(self, name) for name in self.TENSORS}}
@@ -233,7 +238,7 @@ class TransitionBuffer:
         """The capacity stays the config's (older checkpoints also hold a "capacity", which is ignored)."""
         self.prompts = list(state["prompts"])
         for name in self.TENSORS:
-            value = state[name]
+            value = state[name] if name in state else state[self.FORMER_NAMES[name]]
             setattr(self, name, None if value is None else value.to(device))
 
 

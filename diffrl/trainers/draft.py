@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -53,7 +54,8 @@ class DraftTrainer:
 
     backpropagates_through_sampling = True   # train.gradient_checkpointing defaults to on
 
-    def __init__(self, config: DraftConfig, sampler: SDSampler, reward: Reward, optimization: Optimization):
+    def __init__(self, config: DraftConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
+                 run_dir: Path):
         if not getattr(reward, "differentiable", False):
             raise UserInputError(
                 f"DRaFT backpropagates through the reward, but {type(reward).__name__} is not differentiable; "

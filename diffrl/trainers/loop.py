@@ -18,6 +18,7 @@ one process, so groups never straddle processes and no gather is needed before t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,8 +26,8 @@ import torch
 from diffrl.errors import UserInputError
 from diffrl.metrics import metrics_to_floats
 from diffrl.policy_gradient import leave_one_out_advantages
-from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic,
-                                 rollout, rollout_metrics, stochastic_slots, train_on_rollout)
+from diffrl.trainers.ppo import (ClippedSurrogateConfig, optimizer_steps_per_rollout, require_stochastic, rollout,
+                                 rollout_metrics, stochastic_slots, train_on_rollout)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -44,7 +45,10 @@ class LoopConfig(ClippedSurrogateConfig):
 class LoopTrainer:
     """LOOP: PPO-clipped policy gradient with a leave-one-out baseline over k samples per prompt."""
 
-    def __init__(self, config: LoopConfig, sampler: SDSampler, reward: Reward, optimization: Optimization):
+    backpropagates_through_sampling = False
+
+    def __init__(self, config: LoopConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
+                 run_dir: Path):
         require_stochastic(sampler, "LOOP")
         if config.samples_per_prompt < 2:
             raise UserInputError(f"loop.samples_per_prompt must be at least 2 for a leave-one-out baseline, "

@@ -37,8 +37,8 @@ from torch import Tensor
 from diffrl.errors import UserInputError
 from diffrl.metrics import metrics_to_floats, reward_metrics
 from diffrl.preference import pso_offline_loss, pso_online_loss
-from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
-                                   load_pair_dataset, record_batch, record_seed, settings_key)
+from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents, load_pair_dataset,
+                                   record_batch, record_seed, settings_key)
 from rewards import Reward, score
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class PsoConfig(PairDatasetConfig):
 class PsoTrainer:
     """Pairwise sample optimisation of a few-step student against its frozen initial copy."""
 
-    needs_run_dir = True
+    backpropagates_through_sampling = False
 
     def __init__(self, config: PsoConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
                  run_dir: Path):

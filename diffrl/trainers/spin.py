@@ -32,9 +32,9 @@ import torch
 from diffrl.errors import UserInputError
 from diffrl.metrics import metrics_to_floats, reward_metrics
 from diffrl.preference import diffusion_dpo_loss
-from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents,
-                                   load_pair_dataset, lora_values, record_batch, record_seed,
-                                   records_of_steps, score_latents, settings_key)
+from diffrl.trainers.pairs import (PairDatasetConfig, cached_latents, dpo_update, generate_latents, load_pair_dataset,
+                                   lora_values, record_batch, record_seed, records_of_steps, score_latents,
+                                   settings_key)
 from rewards import Reward
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class SpinConfig(PairDatasetConfig):
 class SpinTrainer:
     """SPIN-Diffusion: self-play against the previous iteration, real images as winners."""
 
-    needs_run_dir = True
+    backpropagates_through_sampling = False
 
     def __init__(self, config: SpinConfig, sampler: SDSampler, reward: Reward, optimization: Optimization, *,
                  run_dir: Path):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from diffrl.trajectory import TextConditioning, Trajectory
-from diffrl.training import build_run
 from diffrl.trainers.dpok import TransitionBuffer, pooled_text_embeddings
+from diffrl.training import build_run
+from diffrl.trajectory import TextConditioning, Trajectory
 from tests.conftest import perturb_lora
-from tests.fixtures import (RECOMPUTE_ATOL, assert_same_gradients, fast_config, learning_run,
-                            straight_and_resumed_states)
+from tests.fixtures import RECOMPUTE_ATOL, assert_same_gradients, fast_config, learning_run, straight_and_resumed_states
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -44,14 +43,14 @@ def test_buffer_is_step_major_and_first_in_first_out():
     # batch 2, 3 steps: latents row 0 = [0, 1, 2, 3], row 1 = [4, 5, 6, 7]
     buffer.add(_toy_trajectory(2, 3, 0.0), torch.tensor([10.0, 20.0]), torch.tensor([[1.0], [2.0]]), [0, 1, 2])
     assert buffer.steps.tolist() == [0, 1, 1, 2, 2]       # 6 transitions, the oldest (step 0, row 0) dropped
-    assert buffer.states.flatten().tolist() == [4.0, 1.0, 5.0, 2.0, 6.0]
-    assert buffer.next_states.flatten().tolist() == [5.0, 2.0, 6.0, 3.0, 7.0]
+    assert buffer.latents.flatten().tolist() == [4.0, 1.0, 5.0, 2.0, 6.0]
+    assert buffer.next_latents.flatten().tolist() == [5.0, 2.0, 6.0, 3.0, 7.0]
     assert buffer.log_probs.tolist() == [-4.0, -1.0, -5.0, -2.0, -6.0]
     assert buffer.rewards.tolist() == [20.0, 10.0, 20.0, 10.0, 20.0]
     assert buffer.prompts == ["p1.0", "p0.0", "p1.0", "p0.0", "p1.0"]
     assert buffer.text_embeds.flatten().tolist() == [2.0, 1.0, 2.0, 1.0, 2.0]
     buffer.add(_toy_trajectory(1, 3, 100.0), torch.tensor([30.0]), torch.tensor([[3.0]]), [0, 1, 2])
-    assert buffer.states.flatten().tolist() == [2.0, 6.0, 100.0, 101.0, 102.0]
+    assert buffer.latents.flatten().tolist() == [2.0, 6.0, 100.0, 101.0, 102.0]
     rows = buffer.random_rows(3, torch.Generator().manual_seed(0))
     assert len(set(rows.tolist())) == 3 and buffer.random_rows(9, torch.Generator()).numel() == 5
 
@@ -61,15 +60,18 @@ def test_buffer_keeps_only_the_given_stochastic_steps():
     buffer = TransitionBuffer(capacity=10)
     buffer.add(_toy_trajectory(2, 3, 0.0), torch.tensor([10.0, 20.0]), torch.tensor([[1.0], [2.0]]), [0, 1])
     assert buffer.steps.tolist() == [0, 0, 1, 1]
-    assert buffer.states.flatten().tolist() == [0.0, 4.0, 1.0, 5.0]
-    assert buffer.next_states.flatten().tolist() == [1.0, 5.0, 2.0, 6.0]
+    assert buffer.latents.flatten().tolist() == [0.0, 4.0, 1.0, 5.0]
+    assert buffer.next_latents.flatten().tolist() == [1.0, 5.0, 2.0, 6.0]
     assert buffer.log_probs.tolist() == [-0.0, -4.0, -1.0, -5.0]
 
 
-def test_buffer_loads_its_state_and_an_older_one_that_holds_the_capacity():
+def test_buffer_loads_its_state_and_an_older_one_with_former_names_and_the_capacity():
     buffer = TransitionBuffer(capacity=5)
     buffer.add(_toy_trajectory(2, 3, 0.0), torch.tensor([10.0, 20.0]), torch.tensor([[1.0], [2.0]]), [0, 1, 2])
-    for state in (buffer.state_dict(), {**buffer.state_dict(), "capacity": 5}):
+    current = buffer.state_dict()
+    former = {**current, "capacity": 5, "states": current["latents"], "next_states": current["next_latents"]}
+    del former["latents"], former["next_latents"]   # the keys of checkpoints written before the rename
+    for state in (current, former):
         restored = TransitionBuffer(capacity=5)
         restored.load_state_dict(state, torch.device("cpu"))
         assert restored.prompts == buffer.prompts
@@ -83,7 +85,7 @@ def test_policy_term_at_ratio_one_is_minus_alpha_times_the_mean_advantage(tmp_pa
     trainer, buffer = run.trainer, run.trainer.buffer
     trainer._train_value()                     # V_net starts at 0; one step makes the baseline differ per row
     with torch.no_grad():                      # V = mean + std · V_net over the buffer's rewards
-        standardised = trainer.value_net(buffer.states[rows], buffer.text_embeds[rows], buffer.steps[rows])
+        standardised = trainer.value_net(buffer.latents[rows], buffer.text_embeds[rows], buffer.steps[rows])
     assert standardised.abs().min() > 0
     baseline = buffer.rewards.mean() + buffer.rewards.std(correction=0) * standardised
     loss, parts = trainer.policy_loss(rows)
@@ -104,7 +106,7 @@ def test_kl_term_gradient_is_that_of_the_squared_cfg_noise_difference(tmp_path):
     ours = torch.autograd.grad(loss, params)
 
     buffer, sampler, unet = run.trainer.buffer, run.sampler, run.pipe.unet
-    x, t = buffer.states[rows], sampler.timesteps[buffer.steps[rows]]
+    x, t = buffer.latents[rows], sampler.timesteps[buffer.steps[rows]]
     halves = sampler.encode_prompts([buffer.prompts[row] for row in rows.tolist()])
     cond, uncond = (half.prompt_embeds for half in halves)
     scale = run.config.sample.guidance_scale
@@ -153,7 +155,7 @@ def test_resume_continues_exactly_with_buffer_and_value_network(tmp_path):
     assert state_a["round"] == state_b["round"] == 4
     assert all(torch.equal(state_a["value_net"][k], state_b["value_net"][k]) for k in state_a["value_net"])
     assert state_a["buffer"]["prompts"] == state_b["buffer"]["prompts"]
-    assert torch.equal(state_a["buffer"]["states"], state_b["buffer"]["states"])
+    assert torch.equal(state_a["buffer"]["latents"], state_b["buffer"]["latents"])
     assert len(state_a["buffer"]["prompts"]) == 20
 
 

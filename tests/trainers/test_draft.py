@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffrl.errors import UserInputError
-from diffrl.training import build_run, prompts_for_step
 from diffrl.trainers.draft import DraftConfig
+from diffrl.training import build_run, prompts_for_step
 from tests.conftest import perturb_lora
 from tests.fixtures import fast_config, lora_state
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffrl.training import build_run
+from diffrl.training import build_run, prompts_for_step
 from tests.conftest import perturb_lora
-from diffrl.training import prompts_for_step
 from tests.fixtures import assert_same_gradients, fast_config, straight_and_resumed_states
 from tests.trainers.preference_fixtures import implicit_margins
 
