@@ -32,9 +32,11 @@ class SampleConfig:
     batch_size: int = 4             # prompts per process per training step
     resolution: int | None = None   # image side in pixels; None: the model's default
     negative_prompt: str = ""       # text of the unconditional CFG branch
-    scheduler: str = "ddim"         # the kind of step (a transition kernel): ddim | euler_ancestral (SD-Turbo) | lcm
-    # (LCM-LoRA), every step recomputable with log-probs; or any diffusers scheduler class (e.g.
-    # DPMSolverMultistepScheduler) for plain sampling
+    scheduler: str | None = None    # the kind of step (a transition kernel); None: the model family's own (ddim for
+    # SD 1.x/2.x/SDXL, flow_euler for flow models). Diffusion models: ddim | euler_ancestral (SD-Turbo) | lcm
+    # (LCM-LoRA); flow models: flow_euler (ODE) | flow_sde (Flow-GRPO); each step recomputable with log-probs;
+    # or any diffusers scheduler class (e.g. DPMSolverMultistepScheduler) for plain sampling
+    noise_level: float = 0.7        # flow_sde's noise scale a, σ_t = a √(σ/(1−σ)) (Flow-GRPO: 0.7)
     schedule: str = "model"         # the noise schedule, a preset over the model's scheduler config: model (as is) |
     # trailing (few-step students: SD-Turbo, SDXL-Turbo) | adjoint_matching (DDIM; the SOC recipe)
     timesteps: list[int] | None = None  # explicit timesteps, lcm only (DMD2 4-step: [999, 749, 499, 249]); their
@@ -48,7 +50,8 @@ class TrainConfig:
     learning_rate: float = 1e-4     # AdamW learning rate of the LoRA weights (recipes: DRaFT 4e-4, DDPO 3e-4)
     lora_rank: int = 4              # LoRA rank r of each adapted projection (DDPO, DPOK: 4; DRaFT recipe: 8)
     lora_alpha: float | None = None  # LoRA scale numerator (scale = alpha / rank); None means alpha = lora_rank
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet attn
+    lora_target_modules: list[str] | None = None  # denoiser modules that get LoRA; None: the family's attention
+    # projections (SD, SDXL: to_q, to_k, to_v, to_out.0; SD3 adds the text stream's add_q/k/v_proj, to_add_out)
     weight_decay: float = 0.0       # AdamW decoupled weight decay (DRaFT recipe: 0.1)
     adam_beta1: float = 0.9         # AdamW beta1 (PyTorch default)
     adam_beta2: float = 0.999       # AdamW beta2 (PyTorch default)
@@ -162,7 +165,8 @@ def validate(config: Config) -> None:
     if sample.timesteps is not None and len(sample.timesteps) != sample.num_steps:
         raise UserInputError(f"sample.timesteps has {len(sample.timesteps)} values but sample.num_steps is "
                              f"{sample.num_steps}; set sample.num_steps={len(sample.timesteps)}")
-    check_settings(sample.num_steps, sample.eta, sample.schedule, sample.scheduler, sample.timesteps)
+    check_settings(sample.num_steps, sample.eta, sample.schedule, sample.scheduler, sample.timesteps,
+                   sample.noise_level)
     if isinstance(config.reward, dict) and not config.reward:
         raise UserInputError("reward is an empty mapping; give at least one reward name -> weight")
     for path, low, high in _RANGES:

@@ -54,8 +54,17 @@ def has_lora(model) -> bool:
 def save_lora(model, directory: str | Path, *, pipeline_class=StableDiffusionPipeline, component: str = "unet"
               ) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers format, alpha in its metadata) into ``directory``
-    through ``pipeline_class.save_lora_weights``, the layers under ``component`` ("unet" for SD and SDXL)."""
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    through ``pipeline_class.save_lora_weights``, the layers under ``component`` ("unet" for SD and SDXL,
+    "transformer" for SD3).
+
+    A UNet's layers get diffusers' names (``to_q.lora.down``), as its SD/SDXL training scripts write them; a
+    transformer's keep peft's (``lora_A``), as its SD3 script writes them. diffusers renames only the attention
+    projections to_q/k/v/out.0, and its loader converts a file by its first key alone, so a transformer file with
+    both kinds of names (``to_q.lora.down`` beside ``add_q_proj.lora_A``) would silently lose half its layers.
+    """
+    layers = get_peft_model_state_dict(model)
+    if component == "unet":
+        layers = convert_state_dict_to_diffusers(layers)
     pipeline_class.save_lora_weights(
         str(directory), safe_serialization=True, **{f"{component}_lora_layers": layers,
                                                     f"{component}_lora_adapter_metadata":

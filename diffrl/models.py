@@ -1,5 +1,5 @@
-"""load_pipeline: a diffusers Stable Diffusion or SDXL pipeline from a hub id, a local folder, a single file, or a
-built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
+"""load_pipeline: a diffusers Stable Diffusion, SDXL or SD3 pipeline from a hub id, a local folder, a single file, or
+a built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from diffrl.errors import UserInputError, unknown_name
 
 if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading a model needs them
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -124,21 +124,15 @@ def build_random_sdxl_pipeline(architecture: dict, seed: int = 0) -> StableDiffu
     Built in float32 without downloads and without touching the global RNG; no watermarker; its images mean nothing.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from diffrl.tiny_tokenizer import build_tiny_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
-
-        def text_config(settings: dict) -> CLIPTextConfig:
-            return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, **settings)
-
-        text_encoder = CLIPTextModel(text_config(architecture["text_encoder"]))
-        text_encoder_2 = CLIPTextModelWithProjection(text_config(architecture["text_encoder_2"]))
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, architecture["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, architecture["text_encoder_2"]))
         unet = UNet2DConditionModel(in_channels=4, out_channels=4, **architecture["unet"])
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **architecture["vae"])
     return StableDiffusionXLPipeline(
@@ -155,6 +149,112 @@ def build_sdxl_random_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's architecture at toy size (two text encoders, text_time conditioning; 32 px), random weights."""
     return build_random_sdxl_pipeline(TINY_SDXL_ARCHITECTURE, seed)
+
+
+# SD3/3.5: the MMDiT reads CLIP-L's and CLIP-G's penultimate hidden states side by side, zero-padded to T5's width
+# (joint_attention_dim = T5's d_model), then T5's; pooled_projection_dim = the two CLIP projections together.
+TINY_SD3_ARCHITECTURE = {  # 32 px images, 16x16x16 latents in 2x2 patches; SD3.5 Medium's block kinds at toy size
+    "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=32, hidden_act="gelu"),
+    "text_encoder_2": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           projection_dim=32, hidden_act="gelu"),
+    "text_encoder_3": dict(d_model=128, d_kv=32, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"),
+    # block 0 a dual-attention block with QK norm (SD3.5), block 1 a plain SD3 block that also ends the text stream
+    "transformer": dict(sample_size=16, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                        joint_attention_dim=128, caption_projection_dim=32, pooled_projection_dim=32 + 32,
+                        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+    "vae": dict(sample_size=32, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+}
+# stabilityai/stable-diffusion-3.5-medium's configs (1024 px, 128x128x16 latents).
+SD35_MEDIUM_ARCHITECTURE = {
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         projection_dim=768, hidden_act="quick_gelu"),                      # CLIP ViT-L/14
+    "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           projection_dim=1280, hidden_act="gelu"),                         # OpenCLIP ViT-bigG/14
+    "text_encoder_3": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,  # T5 v1.1 XXL's encoder
+                           feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                           relative_attention_max_distance=128, layer_norm_epsilon=1e-6, dropout_rate=0.1),
+    "transformer": dict(sample_size=128, patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=768 + 1280,
+                        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "vae": dict(sample_size=1024, block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, scaling_factor=1.5305,
+                shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+}
+# SD3's and SD3.5 Medium's scheduler config: rectified flow with the fixed timestep shift 3 (no dynamic shifting).
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+
+def build_t5_tokenizer(model_max_length: int = 512):
+    """An offline T5 tokenizer (a Unigram model like T5's SentencePiece one) over the tiny tokenizer's corpus: whole
+    words with a leading "▁" when the corpus has them, single characters otherwise. T5's special tokens take its ids
+    (<pad> 0, </s> 1, <unk> 2); no sentinel tokens."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    from diffrl.tiny_tokenizer import CORPUS
+
+    word_start = "\u2581"   # SentencePiece's "▁", which the tokenizer puts before every word
+    # Unigram scores are log-probabilities: a known word (-3) beats spelling it out (-10 a character)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (word_start, -2.0)]
+    vocab += [(word_start + word, -3.0) for word in sorted(set(CORPUS))]
+    vocab += [(char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_random_sd3_pipeline(architecture: dict, seed: int = 0) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline of the given architecture with seeded random weights and SD3's scheduler config.
+
+    Built in float32 without downloads and without touching the global RNG, every model in eval mode as
+    from_pretrained leaves it (T5's dropout off); the text encoders' vocabularies are the offline tokenizers' (the
+    real ones cannot be downloaded here); its images mean nothing.
+    """
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffrl.tiny_tokenizer import build_tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2, tokenizer_3 = build_tiny_tokenizer(), build_tiny_tokenizer(), build_t5_tokenizer()
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(tokenizer, architecture["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, architecture["text_encoder_2"]))
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id, **architecture["text_encoder_3"]))
+        transformer = SD3Transformer2DModel(in_channels=16, out_channels=16, **architecture["transformer"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, **architecture["vae"])
+    for model in (text_encoder, text_encoder_2, text_encoder_3, transformer, vae):
+        model.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3's architecture at toy size (MMDiT with SD3.5's dual attention and QK norm, CLIP-L + CLIP-G + T5, flow
+    matching; 32 px), random weights."""
+    return build_random_sd3_pipeline(TINY_SD3_ARCHITECTURE, seed)
+
+
+def build_sd35_medium_random_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD 3.5 Medium's architecture (1024 px, 128x128x16 latents) with random weights, for benchmarks: transformer
+    2.24 B parameters, T5-XXL's encoder 4.63 B, 7.68 B altogether (~31 GB in fp32). The offline tokenizers' small
+    vocabularies leave 0.23 B of the real embedding tables out (T5's 32,128 rows, CLIP's 49,408)."""
+    return build_random_sd3_pipeline(SD35_MEDIUM_ARCHITECTURE, seed)
+
+
+def _clip_text_config(tokenizer, settings: dict):
+    """A CLIP text encoder's config over the offline tokenizer's vocabulary and special tokens."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings)
 
 
 # The ShapesWorld model the project trains itself; a folder in the checkout, not in the wheel.
@@ -181,12 +281,18 @@ BUILTIN_MODELS = {
     "tiny-sdxl": (build_tiny_sdxl_pipeline,
                   "SDXL architecture at toy size with random weights (two text encoders, pooled + time-id "
                   "conditioning; 32 px, for tests and demos)"),
+    "tiny-sd3": (build_tiny_sd3_pipeline,
+                 "SD3/3.5 architecture at toy size with random weights (MMDiT, CLIP-L + CLIP-G + T5, flow matching; "
+                 "32 px, for tests and demos)"),
+    "sd35-medium-random": (build_sd35_medium_random_pipeline,
+                           "SD 3.5 Medium architecture with random weights (benchmarks; ~7.7 B params with T5-XXL, "
+                           "no download)"),
 }
 
 
 def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Load a Stable Diffusion (1.x, 2.x, Turbo) or SDXL (base, Turbo) text-to-image pipeline.
+                  ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+    """Load a Stable Diffusion (1.x, 2.x, Turbo), SDXL (base, Turbo) or SD3/3.5 text-to-image pipeline.
 
     ``name_or_path`` is a built-in name (see ``BUILTIN_MODELS``), a local diffusers folder, a single-file checkpoint
     (``.safetensors``/``.ckpt``), or a Hugging Face hub id (read from the local cache or downloaded). The family comes
@@ -222,10 +328,12 @@ def _looks_like_hub_id(name: str) -> bool:
 PIPELINE_OPTIONS = {
     "StableDiffusionPipeline": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
     "StableDiffusionXLPipeline": dict(add_watermarker=False),
+    "StableDiffusion3Pipeline": dict(image_encoder=None, feature_extractor=None),   # IP-Adapter's, when present
 }
 
 
-def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def _from_pretrained(name_or_path: str, dtype: torch.dtype
+                     ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
     import diffusers
 
     try:
@@ -233,8 +341,9 @@ def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> StableDiffusionPi
     except (OSError, ValueError) as error:
         raise UserInputError(_load_failure_sentence(name_or_path, error)) from error
     if class_name not in PIPELINE_OPTIONS:
+        *others, last = PIPELINE_OPTIONS
         raise UserInputError(f"model {name_or_path!r} is a {class_name}; diffrl fine-tunes text-to-image "
-                             f"{' and '.join(PIPELINE_OPTIONS)} models")
+                             f"{', '.join(others)} and {last} models")
     try:
         return getattr(diffusers, class_name).from_pretrained(
             name_or_path, torch_dtype=dtype, use_safetensors=True, **PIPELINE_OPTIONS[class_name])

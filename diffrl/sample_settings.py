@@ -19,16 +19,20 @@ SCHEDULE_PRESETS: dict[str, dict] = {
 MIDPOINT_FINAL_ALPHA = {"adjoint_matching"}
 
 
-def check_settings(num_steps: int, eta: float, schedule: str, scheduler: str, timesteps: list[int] | None) -> None:
-    """Refuse settings no model could use, naming the config key (sample.*) in one sentence."""
+def check_settings(num_steps: int, eta: float, schedule: str, scheduler: str | None, timesteps: list[int] | None,
+                   noise_level: float) -> None:
+    """Refuse settings no model could use, naming the config key (sample.*) in one sentence. scheduler None: the
+    model family's default (known once the model is loaded)."""
+    if noise_level < 0:
+        raise UserInputError(f"sample.noise_level must be >= 0, got {noise_level!r}")
     if num_steps < 1:
         raise UserInputError(f"sample.num_steps must be >= 1, got {num_steps!r}")
     if not 0.0 <= eta <= 1.0:
         raise UserInputError(f"sample.eta must be in [0.0, 1.0], got {eta!r}")
     if schedule not in SCHEDULE_PRESETS:
         raise unknown_name("sample.schedule", schedule, SCHEDULE_PRESETS)
-    if schedule in MIDPOINT_FINAL_ALPHA and scheduler != "ddim":
+    if schedule in MIDPOINT_FINAL_ALPHA and scheduler not in (None, "ddim"):
         raise UserInputError(f"sample.schedule={schedule} is a DDIM schedule; use it with sample.scheduler=ddim")
-    if timesteps is not None and scheduler != "lcm":
+    if timesteps is not None and scheduler != "lcm":   # None would be ddim or flow_euler
         raise UserInputError(f"explicit sample.timesteps need sample.scheduler=lcm (as DMD2 samples); "
                              f"{scheduler} takes only sample.num_steps")

@@ -26,11 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from diffrl.errors import UserInputError, unknown_name
 from diffrl.families import family_of
-from diffrl.gaussian import forward_noised, gaussian_log_prob, x0_eps_from_model_output
+from diffrl.gaussian import gaussian_log_prob
 from diffrl.lora import has_lora
 from diffrl.sample_settings import MIDPOINT_FINAL_ALPHA, SCHEDULE_PRESETS, check_settings
 from diffrl.trajectory import Conditioning, Trajectory
-from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel, per_step
+from diffrl.transitions import KERNELS, KernelSettings, SchedulerKernel, TransitionKernel
 
 
 class Sampler(Protocol):
@@ -82,12 +82,14 @@ class SDSampler:
 
     def __init__(self, pipe: DiffusionPipeline, num_steps: int = 50, guidance_scale: float = 7.5,
                  eta: float = 1.0, resolution: int | None = None, *, negative_prompt: str = "",
-                 gradient_checkpointing: bool = True, schedule: str = "model", scheduler: str = "ddim",
-                 timesteps: list[int] | None = None):
-        num_steps = num_steps if timesteps is None else len(timesteps)
-        check_settings(num_steps, eta, schedule, scheduler, timesteps)
-        self.custom_timesteps = None if timesteps is None else list(timesteps)
+                 gradient_checkpointing: bool = True, schedule: str = "model", scheduler: str | None = None,
+                 timesteps: list[int] | None = None, noise_level: float = 0.7):
         self.pipe, self.family = pipe, family_of(pipe)
+        scheduler = scheduler or self.family.default_scheduler
+        num_steps = num_steps if timesteps is None else len(timesteps)
+        check_settings(num_steps, eta, schedule, scheduler, timesteps, noise_level)
+        self.custom_timesteps = None if timesteps is None else list(timesteps)
+        self.noise_level = noise_level
         self.network, self.vae = self.family.denoiser, self.family.vae   # the UNet or transformer, and its VAE
         self.denoiser = self.network  # what forward calls go through; the training loop may swap in a DDP wrapper
         self.num_steps, self.guidance_scale, self.eta = num_steps, guidance_scale, eta
@@ -106,7 +108,7 @@ class SDSampler:
         if scheduler == "lcm" and getattr(self.network.config, "time_cond_proj_dim", None) is not None:
             raise UserInputError("this UNet is a guidance-embedded LCM (time_cond_proj_dim is set), which diffrl does "
                                  "not sample yet; use LCM-LoRA on its base model with sample.scheduler=lcm")
-        self.prediction_type = self.scheduler.config.prediction_type
+        self._check_kernel_fits_model(scheduler)
         self.resolution = resolution or self.family.default_resolution()
         self.family.latent_shape(1, self.resolution)   # refuses a resolution the latent grid cannot hold
         self._set_schedule()
@@ -117,7 +119,23 @@ class SDSampler:
         evaluation build theirs here, so both sample alike."""
         return cls(pipe, sample.num_steps, sample.guidance_scale, sample.eta, sample.resolution,
                    negative_prompt=sample.negative_prompt, gradient_checkpointing=gradient_checkpointing,
-                   schedule=sample.schedule, scheduler=sample.scheduler, timesteps=sample.timesteps)
+                   schedule=sample.schedule, scheduler=sample.scheduler, timesteps=sample.timesteps,
+                   noise_level=sample.noise_level)
+
+    def _check_kernel_fits_model(self, name: str) -> None:
+        """A flow-matching kernel on a diffusion model (or the reverse) would read the wrong schedule tables."""
+        kernel = KERNELS.get(name)
+        if kernel is not None and kernel.flow_matching != self.is_flow_model:
+            kind = "a flow-matching" if self.is_flow_model else "a diffusion (ε/v-prediction)"
+            raise UserInputError(f"sample.scheduler={name} does not fit this model, which is {kind} model "
+                                 f"({self.family.name}); use one of {', '.join(self._fitting_kernels())}")
+
+    @property
+    def is_flow_model(self) -> bool:
+        return not hasattr(self.pipe.scheduler, "alphas_cumprod")   # flow schedulers keep only sigmas
+
+    def _fitting_kernels(self) -> list[str]:
+        return [name for name, kernel in KERNELS.items() if kernel.flow_matching == self.is_flow_model]
 
     @property
     def has_transitions(self) -> bool:
@@ -145,13 +163,12 @@ class SDSampler:
     def add_training_noise(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The denoiser's training forward process at timestep values t (any of num_train_timesteps, not only
         the sampling grid): x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε, the input predict_noise(x_t, t) takes (Diffusion-DPO)."""
-        alpha = per_step(self.scheduler.alphas_cumprod.to(x0.device), timesteps, x0).to(x0.dtype)
-        return forward_noised(x0, noise, alpha)
+        return self.kernel.process.add_noise(x0, noise, timesteps)
 
     def require_transitions(self, method: str) -> None:
         if not self.has_transitions:
             raise UserInputError(f"{method} needs single denoising steps recomputed, which sample.scheduler="
-                                 f"{self.scheduler_name} does not expose; use one of {', '.join(KERNEL_DESCRIPTIONS)}")
+                                 f"{self.scheduler_name} does not expose; use one of {', '.join(self._fitting_kernels())}")
 
     def _reset_scheduler(self, device) -> None:
         if self.custom_timesteps is None:
@@ -162,7 +179,8 @@ class SDSampler:
     def _set_schedule(self) -> None:
         self._reset_scheduler(self.network.device)
         self.timesteps = self.scheduler.timesteps                       # [T], the pipeline's own values and dtype
-        settings = KernelSettings(eta=self.eta, midpoint_final_alpha=self.schedule in MIDPOINT_FINAL_ALPHA)
+        settings = KernelSettings(eta=self.eta, midpoint_final_alpha=self.schedule in MIDPOINT_FINAL_ALPHA,
+                                  noise_level=self.noise_level)
         self.kernel: TransitionKernel = KERNELS.get(self.scheduler_name, SchedulerKernel)(self.scheduler, settings)
         self.stochastic_steps = self.kernel.stochastic_steps   # the steps with a density (and a likelihood ratio)
 
@@ -246,8 +264,7 @@ class SDSampler:
         conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
         with self._adapters(enabled=not reference):
             output = self._model_output(latents, t, conditioning, negative, scale, reference)
-        alpha_t = per_step(self.scheduler.alphas_cumprod.to(latents.device), t, latents)
-        return x0_eps_from_model_output(output, latents, alpha_t, self.prediction_type)[1]
+        return self.kernel.process.noise_prediction(output, latents, t)
 
     # -- one transition ------------------------------------------------------------------------------------------
     def step(self, latents: Tensor, i: int | Tensor, conditioning: Conditioning,
@@ -279,7 +296,8 @@ class SDSampler:
     def initial_latents(self, batch_size: int, generator=None) -> Tensor:
         latents = randn_tensor(self.latent_shape(batch_size), generator=generator, device=self.device,
                                dtype=self.dtype)
-        return latents * self.scheduler.init_noise_sigma
+        # flow-matching schedulers start from unscaled noise and have no init_noise_sigma
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def sample(self, prompts: list[str], *, grad_last_k: int = 0, generator=None,
                initial_latents: Tensor | None = None) -> Trajectory:

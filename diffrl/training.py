@@ -77,7 +77,8 @@ def check_environment(config: Config) -> None:
     schedulers = [kind.value for kind in SchedulerType]
     if config.train.lr_scheduler not in schedulers:
         raise unknown_name("lr_scheduler", config.train.lr_scheduler, schedulers)
-    scheduler_class(config.sample.scheduler)
+    if config.sample.scheduler is not None:
+        scheduler_class(config.sample.scheduler)
     tracker = config.log.tracker
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     if tracker in available and not available[tracker]():

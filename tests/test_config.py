@@ -36,7 +36,7 @@ def test_defaults():
     assert config.model == "tiny" and config.trainer == "draft"
     assert config.reward == {"brightness": 1.0}
     assert config.sample == SampleConfig(num_steps=50, guidance_scale=7.5, eta=0.0, batch_size=4)
-    assert config.train.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert config.train.lora_target_modules is None and config.sample.scheduler is None   # the family's own
     assert config.train.lora_alpha is None and config.train.mixed_precision == "no"
     assert config.log.grid_seeds == [0, 1, 2, 3] and config.log.keep_last is None
     assert config.draft == DraftConfig()
@@ -46,10 +46,9 @@ def test_defaults():
 
 def test_default_lists_are_not_shared():
     a, b = Config(), Config()
-    a.train.lora_target_modules.append("proj")
     a.reward["contrast"] = 1.0
-    assert b.train.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert b.reward == {"brightness": 1.0}
+    a.log.grid_seeds.append(9)
+    assert b.reward == {"brightness": 1.0} and b.log.grid_seeds == [0, 1, 2, 3]
 
 
 def test_yaml_with_nested_sections(tmp_path):

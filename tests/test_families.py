@@ -55,6 +55,7 @@ class WrappedFamily:
     pipeline_classes = ("WrappedPipeline",)
     lora_target_modules = ("to_q", "to_v")
     upcasts_fp16_vae = False
+    default_scheduler = "ddim"
     denoiser_calls = 0
 
     def __init__(self, pipe):

@@ -187,8 +187,8 @@ def test_two_process_run_resumes_exactly_with_each_process_drawing_its_own_noise
     states = {run: [torch.load(run / final / "training_state" / folder / "trainer.pt", weights_only=True)
                     for folder in (".", "process-1")] for run in (straight, resumed)}
     for got, expected in zip(states[resumed], states[straight]):   # each process's own replay buffer, restored
-        assert torch.equal(got["buffer"]["states"], expected["buffer"]["states"])
-    own, other = (state["buffer"]["states"] for state in states[straight])
+        assert torch.equal(got["buffer"]["latents"], expected["buffer"]["latents"])
+    own, other = (state["buffer"]["latents"] for state in states[straight])
     assert not torch.allclose(own, other)   # the processes sampled different trajectories for their prompts
     info = json.loads((resumed / final / "training_state" / "state.json").read_text())
     assert info["num_processes"] == 2

@@ -10,12 +10,14 @@ from __future__ import annotations
 from diffrl.errors import UserInputError
 from diffrl.families.family import ModelFamily
 from diffrl.families.stable_diffusion import StableDiffusionFamily
+from diffrl.families.stable_diffusion_3 import StableDiffusion3Family
 from diffrl.families.stable_diffusion_xl import StableDiffusionXLFamily
 from diffrl.trajectory import Conditioning
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     StableDiffusionFamily.name: StableDiffusionFamily,
     StableDiffusionXLFamily.name: StableDiffusionXLFamily,
+    StableDiffusion3Family.name: StableDiffusion3Family,
 }
 
 
@@ -30,4 +32,5 @@ def family_of(pipe) -> ModelFamily:
                          "(a new family is one adapter in diffrl.families, see docs/extending.md)")
 
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "StableDiffusionFamily", "StableDiffusionXLFamily", "family_of"]
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
+           "StableDiffusionXLFamily", "family_of"]

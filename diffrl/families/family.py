@@ -23,6 +23,7 @@ class ModelFamily(Protocol):
     pipeline_classes: ClassVar[tuple[str, ...]]  # the diffusers pipeline class names this adapter serves
     lora_target_modules: ClassVar[tuple[str, ...]]  # train.lora_target_modules' default for this family
     upcasts_fp16_vae: ClassVar[bool]         # whether its pipeline decodes in float32 when the VAE says force_upcast
+    default_scheduler: ClassVar[str]         # the transition kernel when sample.scheduler is unset (its pipeline's)
     denoiser: torch.nn.Module                # the network trained: a UNet, or a transformer
     vae: torch.nn.Module
 

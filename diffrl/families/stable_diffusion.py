@@ -20,6 +20,7 @@ class StableDiffusionFamily:
     pipeline_classes = ("StableDiffusionPipeline",)
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     upcasts_fp16_vae = False   # StableDiffusionPipeline never upcasts
+    default_scheduler = "ddim"
 
     def __init__(self, pipe):
         self.pipe, self.denoiser, self.vae = pipe, pipe.unet, pipe.vae

@@ -21,6 +21,7 @@ class StableDiffusionXLFamily:
     pipeline_classes = ("StableDiffusionXLPipeline",)
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     upcasts_fp16_vae = True    # SDXL's VAE overflows in fp16; its pipeline upcasts
+    default_scheduler = "ddim"
 
     def __init__(self, pipe):
         self.pipe, self.denoiser, self.vae = pipe, pipe.unet, pipe.vae

@@ -90,7 +90,8 @@ class DpokTrainer:
         self.value_net = self.value_optimizer = None
         if config.value_network:
             latent_size = math.prod(sampler.latent_shape(1))
-            net = ValueNetwork(latent_size, sampler.pipe.text_encoder.config.hidden_size,
+            text_size = pooled_text_embeddings(sampler.pipe, [""]).shape[1]
+            net = ValueNetwork(latent_size, text_size,
                                sampler.num_steps).to(sampler.device)
             self.value_net = optimization.accelerator.prepare_model(net)
             self.value_optimizer = torch.optim.AdamW(net.parameters(), lr=config.v_lr)
@@ -286,4 +287,7 @@ def pooled_text_embeddings(pipe, prompts: list[str]) -> Tensor:
     """The text encoder's pooled output per prompt, [B, D] float32: the value network's view of the prompt."""
     tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device)).pooler_output.float()
+    output = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))
+    # CLIPTextModel (SD 1.x/2.x, SDXL, FLUX) pools; CLIPTextModelWithProjection (SD3) gives the projected pooled text
+    pooled = output.pooler_output if hasattr(output, "pooler_output") else output.text_embeds
+    return pooled.float()

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 from diffrl.transitions.ddim import DDIMKernel
 from diffrl.transitions.euler_ancestral import EulerAncestralKernel
+from diffrl.transitions.flow_euler import FlowEulerKernel
+from diffrl.transitions.flow_sde import FlowSDEKernel
 from diffrl.transitions.kernel import KernelSettings, TransitionKernel, per_step
 from diffrl.transitions.lcm import LCMKernel
 from diffrl.transitions.scheduler import SchedulerKernel
 
 # sample.scheduler name -> kernel with a density; any other diffusers scheduler class name samples through
 # SchedulerKernel (plain sampling: grids, evaluation, DRaFT).
-KERNELS: dict[str, type] = {"ddim": DDIMKernel, "euler_ancestral": EulerAncestralKernel, "lcm": LCMKernel}
+KERNELS: dict[str, type] = {
+    "ddim": DDIMKernel, "euler_ancestral": EulerAncestralKernel, "lcm": LCMKernel,   # diffusion (ε/v) models
+    "flow_euler": FlowEulerKernel, "flow_sde": FlowSDEKernel,                        # flow-matching models
+}
 
-__all__ = ["KERNELS", "DDIMKernel", "EulerAncestralKernel", "KernelSettings", "LCMKernel", "SchedulerKernel",
-           "TransitionKernel", "per_step"]
+__all__ = ["KERNELS", "DDIMKernel", "EulerAncestralKernel", "FlowEulerKernel", "FlowSDEKernel", "KernelSettings",
+           "LCMKernel", "SchedulerKernel", "TransitionKernel", "per_step"]

@@ -9,12 +9,14 @@ from torch import Tensor
 
 from diffrl.gaussian import ddim_mean, ddim_std, forward_noised, x0_eps_from_model_output
 from diffrl.transitions.kernel import KernelSettings, per_step
+from diffrl.transitions.process import VariancePreserving
 
 
 class DDIMKernel:
     name = "ddim"
     description = "DDIM, η in [0, 1] (sample.eta); every step stochastic when η > 0"
     has_density = True
+    flow_matching = False
     scheduler_class = DDIMScheduler
 
     def __init__(self, scheduler, settings: KernelSettings):
@@ -34,6 +36,7 @@ class DDIMKernel:
         # At η = 1 with σ > 0 at every step (no final ᾱ = 1) the schedule is DDPM's, which forgets x_T.
         self.is_memoryless = settings.eta == 1.0 and len(self.stochastic_steps) == num_steps
         self.prediction_type = scheduler.config.prediction_type
+        self.process = VariancePreserving(scheduler)
         self.clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
 
     def draws_noise(self, i: int) -> bool:

@@ -8,12 +8,14 @@ from torch import Tensor
 
 from diffrl.few_step import euler_ancestral_transition, euler_sigma_up, euler_x0
 from diffrl.transitions.kernel import KernelSettings, per_step
+from diffrl.transitions.process import VariancePreserving
 
 
 class EulerAncestralKernel:
     name = "euler_ancestral"
     description = "Euler ancestral (SD-Turbo); stochastic except the last step"
     has_density = True
+    flow_matching = False
     scheduler_class = EulerAncestralDiscreteScheduler
     is_memoryless = False
 
@@ -25,6 +27,7 @@ class EulerAncestralKernel:
         self.stds = euler_sigma_up(self.sigmas, self.sigmas_next)
         self.stochastic_steps = [i for i, std in enumerate(self.stds.tolist()) if std > 0]
         self.prediction_type = scheduler.config.prediction_type
+        self.process = VariancePreserving(scheduler)
 
     def draws_noise(self, i: int) -> bool:
         return True     # diffusers draws at every step, the last included (σ_up = 0 there)

@@ -12,17 +12,20 @@ from torch import Tensor
 class KernelSettings:
     eta: float = 1.0                       # DDIM's η: 0 deterministic, 1 DDPM's ancestral (memoryless) step
     midpoint_final_alpha: bool = False     # DDIM: final ᾱ halfway between 1 and the last step's (Adjoint Matching)
+    noise_level: float = 0.7               # flow_sde's a (Flow-GRPO's default)
 
 
 class TransitionKernel(Protocol):
     name: str                   # the sample.scheduler value that selects it
     description: str            # one line for `diffrl list` and error messages
     has_density: bool           # every step is a Gaussian the sampler can recompute (log-probs, trainers)
+    flow_matching: bool         # for velocity-predicting flow models (SD3, FLUX); else for ε/v diffusion models
     scheduler_class: type       # the diffusers scheduler whose config and timesteps it reads
     timesteps: Tensor           # [T] the scheduler's timestep values, what the denoiser is called with
     stds: Tensor | None         # [T] float32 σ of each step's Gaussian (0: deterministic); None without a density
     stochastic_steps: list[int]  # the steps with σ > 0: the ones with a log-density
     is_memoryless: bool         # DDPM's ancestral schedule at every step (Adjoint Matching's requirement)
+    process: object             # the forward process at any training timestep (diffrl.transitions.process)
 
     def draws_noise(self, i: int) -> bool: ...      # whether step i consumes the generator (as diffusers does)
     def model_input(self, latents: Tensor, i: int | Tensor) -> Tensor: ...

@@ -11,12 +11,14 @@ from torch import Tensor
 from diffrl.few_step import lcm_boundary_scalings, lcm_step_tables, lcm_transition
 from diffrl.gaussian import forward_noised, x0_eps_from_model_output
 from diffrl.transitions.kernel import KernelSettings, per_step
+from diffrl.transitions.process import VariancePreserving
 
 
 class LCMKernel:
     name = "lcm"
     description = "LCM multistep (LCM-LoRA); stochastic except the last step"
     has_density = True
+    flow_matching = False
     scheduler_class = LCMScheduler
     is_memoryless = False
 
@@ -30,6 +32,7 @@ class LCMKernel:
         self.stochastic_steps = [i for i, std in enumerate(self.stds.tolist()) if std > 0]
         self._stochastic = set(self.stochastic_steps)
         self.prediction_type = scheduler.config.prediction_type
+        self.process = VariancePreserving(scheduler)
         self.clip = scheduler.config.clip_sample_range if scheduler.config.clip_sample else None
 
     def draws_noise(self, i: int) -> bool:

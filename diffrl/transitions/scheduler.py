@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffrl.transitions.kernel import KernelSettings
+from diffrl.transitions.process import RectifiedFlow, VariancePreserving
 
 
 class SchedulerKernel:
@@ -18,6 +19,8 @@ class SchedulerKernel:
 
     def __init__(self, scheduler, settings: KernelSettings):
         self.scheduler, self.timesteps = scheduler, scheduler.timesteps
+        self.flow_matching = not hasattr(scheduler, "alphas_cumprod")   # the flow schedulers keep only sigmas
+        self.process = RectifiedFlow(scheduler) if self.flow_matching else VariancePreserving(scheduler)
 
     def draws_noise(self, i: int) -> bool:
         return False    # the scheduler draws, or not, inside its own step
