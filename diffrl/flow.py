@@ -13,6 +13,8 @@ All functions work on broadcastable tensors and hold no state.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -52,3 +54,16 @@ def sde_mean(x: Tensor, velocity: Tensor, sigma: Tensor, dt: Tensor, scale: Tens
 def sde_std(scale: Tensor, dt: Tensor) -> Tensor:
     """The step's standard deviation σ_t √(−Δt) (same file, line 59)."""
     return scale * (-dt).sqrt()
+
+
+def cps_std(sigma_next: Tensor, noise_level: float) -> Tensor:
+    """Coefficients-preserving sampling's step noise σ' sin(aπ/2) (Wang & Yu, "Coefficients-Preserving Sampling for
+    Reinforcement Learning with Flow Matching", arXiv 2509.05952; IamCreateAI/FlowCPS
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py line 52 at b402c7a)."""
+    return sigma_next * math.sin(noise_level * math.pi / 2)
+
+
+def cps_mean(x0: Tensor, eps: Tensor, sigma_next: Tensor, std: Tensor) -> Tensor:
+    """μ = (1 − σ') x̂0 + √(σ'² − std²) ε̂ (same file, line 55): the next latent keeps the coefficients of x0 and of
+    the total noise that the forward process x_σ' = (1 − σ') x0 + σ' ε has."""
+    return (1 - sigma_next) * x0 + (sigma_next**2 - std**2).sqrt() * eps

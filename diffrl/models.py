@@ -1,5 +1,5 @@
-"""load_pipeline: a diffusers Stable Diffusion, SDXL or SD3 pipeline from a hub id, a local folder, a single file, or
-a built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
+"""load_pipeline: a diffusers Stable Diffusion, SDXL, SD3 or FLUX.1 pipeline from a hub id, a local folder, a single
+file, or a built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from diffrl.errors import UserInputError, unknown_name
 
 if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading a model needs them
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -249,6 +249,84 @@ def build_sd35_medium_random_pipeline(seed: int = 0) -> StableDiffusion3Pipeline
     return build_random_sd3_pipeline(SD35_MEDIUM_ARCHITECTURE, seed)
 
 
+# FLUX.1: the transformer reads T5's hidden states (joint_attention_dim = T5's d_model) and CLIP-L's pooled output
+# (pooled_projection_dim = CLIP's hidden size: CLIPTextModel, no projection); its rotary axes split the head dimension
+# (axes_dims_rope sums to attention_head_dim). in_channels = 16 latent channels x the 2x2 packing.
+TINY_FLUX_ARCHITECTURE = {  # FLUX.1-dev at toy size: 32 px images, 16x16x16 latents packed as 64 tokens of 64 channels
+    "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         projection_dim=32, hidden_act="gelu"),
+    "text_encoder_2": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"),
+    # two double-stream and two single-stream blocks, guidance embedding as in FLUX.1-dev
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(4, 6, 6)),
+    "vae": dict(sample_size=32, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+    "default_sample_size": 16,   # latent pixels of FluxPipeline's default image (FLUX.1: 128, 1024 px): 32 px
+}
+# black-forest-labs/FLUX.1-dev's configs (1024 px, 128x128x16 latents packed into 4096 tokens of 64 channels).
+FLUX_DEV_ARCHITECTURE = {
+    "text_encoder": SD35_MEDIUM_ARCHITECTURE["text_encoder"],       # CLIP ViT-L/14's text model
+    "text_encoder_2": SD35_MEDIUM_ARCHITECTURE["text_encoder_3"],   # T5 v1.1 XXL's encoder
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    "vae": dict(sample_size=1024, block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, scaling_factor=0.3611,
+                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+    "default_sample_size": 128,  # FluxPipeline's own default
+}
+# FLUX.1-dev's scheduler config: rectified flow with the resolution-dependent shift μ (256 tokens: 0.5, 4096: 1.15).
+FLUX_DEV_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def build_random_flux_pipeline(architecture: dict, seed: int = 0) -> FluxPipeline:
+    """A FluxPipeline of the given architecture with seeded random weights and FLUX.1-dev's scheduler config.
+
+    Built in float32 without downloads and without touching the global RNG, every model in eval mode as
+    from_pretrained leaves it (T5's dropout off); the text encoders' vocabularies are the offline tokenizers' (the
+    real ones cannot be downloaded here); its images mean nothing. ``default_sample_size`` (FluxPipeline's default
+    image side in latent pixels, not saved with the pipeline) is set from the architecture.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffrl.tiny_tokenizer import build_tiny_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_t5_tokenizer()
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, architecture["text_encoder"]))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id, **architecture["text_encoder_2"]))
+        transformer = FluxTransformer2DModel(**architecture["transformer"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, **architecture["vae"])
+    for model in (text_encoder, text_encoder_2, transformer, vae):
+        model.eval()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        transformer=transformer)
+    pipe.default_sample_size = architecture["default_sample_size"]
+    return pipe
+
+
+def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """FLUX.1-dev's architecture at toy size (double- and single-stream blocks, guidance embedding, CLIP-L pooled +
+    T5, flow matching with dynamic shift; 32 px), random weights."""
+    return build_random_flux_pipeline(TINY_FLUX_ARCHITECTURE, seed)
+
+
+def build_flux_dev_random_pipeline(seed: int = 0) -> FluxPipeline:
+    """FLUX.1-dev's architecture (1024 px, 4096 packed latent tokens) with random weights, for benchmarks:
+    transformer 11.9 B parameters, T5-XXL's encoder 4.63 B (the offline tokenizer's small vocabulary leaves 0.13 B of
+    T5's embedding table out), ~16.7 B altogether (~67 GB in fp32)."""
+    return build_random_flux_pipeline(FLUX_DEV_ARCHITECTURE, seed)
+
+
 def _clip_text_config(tokenizer, settings: dict):
     """A CLIP text encoder's config over the offline tokenizer's vocabulary and special tokens."""
     from transformers import CLIPTextConfig
@@ -287,12 +365,18 @@ BUILTIN_MODELS = {
     "sd35-medium-random": (build_sd35_medium_random_pipeline,
                            "SD 3.5 Medium architecture with random weights (benchmarks; ~7.7 B params with T5-XXL, "
                            "no download)"),
+    "tiny-flux": (build_tiny_flux_pipeline,
+                  "FLUX.1-dev architecture at toy size with random weights (double/single-stream transformer, "
+                  "guidance embedding, CLIP-L + T5, flow matching; 32 px, for tests and demos)"),
+    "flux-dev-random": (build_flux_dev_random_pipeline,
+                        "FLUX.1-dev architecture with random weights (benchmarks; ~16.7 B params with T5-XXL, "
+                        "no download)"),
 }
 
 
 def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
-    """Load a Stable Diffusion (1.x, 2.x, Turbo), SDXL (base, Turbo) or SD3/3.5 text-to-image pipeline.
+                  ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline:
+    """Load a Stable Diffusion (1.x, 2.x, Turbo), SDXL (base, Turbo), SD3/3.5 or FLUX.1 text-to-image pipeline.
 
     ``name_or_path`` is a built-in name (see ``BUILTIN_MODELS``), a local diffusers folder, a single-file checkpoint
     (``.safetensors``/``.ckpt``), or a Hugging Face hub id (read from the local cache or downloaded). The family comes
@@ -329,11 +413,12 @@ PIPELINE_OPTIONS = {
     "StableDiffusionPipeline": dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
     "StableDiffusionXLPipeline": dict(add_watermarker=False),
     "StableDiffusion3Pipeline": dict(image_encoder=None, feature_extractor=None),   # IP-Adapter's, when present
+    "FluxPipeline": dict(image_encoder=None, feature_extractor=None),               # IP-Adapter's, when present
 }
 
 
 def _from_pretrained(name_or_path: str, dtype: torch.dtype
-                     ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+                     ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline:
     import diffusers
 
     try:

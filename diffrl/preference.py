@@ -31,9 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def denoising_errors(noise: Tensor, noise_pred: Tensor) -> Tensor:
-    """[B] ‖ε − ε̂‖² as the mean over every non-batch element, in float32."""
-    return (noise.float() - noise_pred.float()).pow(2).flatten(1).mean(dim=1)
+def denoising_errors(target: Tensor, prediction: Tensor) -> Tensor:
+    """[B] ‖target − prediction‖² as the mean over every non-batch element, in float32. The target is what the model
+    family is trained to predict: ε for diffusion models (Diffusion-DPO's ‖ε − ε̂‖²), the velocity ε − x0 for
+    flow-matching ones (the velocity-matching form Flow-DPO uses, Liu et al., arXiv 2501.13918; unverified against
+    its code)."""
+    return (target.float() - prediction.float()).pow(2).flatten(1).mean(dim=1)
 
 
 @dataclass

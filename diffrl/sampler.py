@@ -172,7 +172,8 @@ class SDSampler:
 
     def _reset_scheduler(self, device) -> None:
         if self.custom_timesteps is None:
-            self.scheduler.set_timesteps(self.num_steps, device=device)
+            self.scheduler.set_timesteps(self.num_steps, device=device,
+                                         **self.family.timestep_kwargs(self.num_steps, self.resolution))
         else:
             self.scheduler.set_timesteps(device=device, timesteps=self.custom_timesteps)
 
@@ -198,12 +199,14 @@ class SDSampler:
 
     @property
     def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Whether sampling runs classifier-free guidance (two batched halves); a guidance-distilled family takes
+        the scale as a denoiser input instead."""
+        return self.guidance_scale > 1.0 and self.family.guidance == "cfg"
 
     # -- conditioning ---------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning | None]:
         """Conditional and (with CFG) unconditional conditioning of a batch, as the family's pipeline builds it."""
-        return self.family.encode_prompts(list(prompts), self.negative_prompt, self.do_cfg, self.resolution)
+        return self.family.encode_prompts(list(prompts), self.negative_prompt, self.guidance_scale, self.resolution)
 
     def as_conditioning(self, value: Conditioning | Tensor | None) -> Conditioning | None:
         """The family's conditioning object from what a caller passes (SD 1.x/2.x: also bare text embeddings)."""
@@ -260,11 +263,26 @@ class SDSampler:
         are converted to ε.
         """
         t = torch.as_tensor(t, device=latents.device)
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        conditioning, negative = self.as_conditioning(prompt_embeds), self.as_conditioning(negative_prompt_embeds)
-        with self._adapters(enabled=not reference):
-            output = self._model_output(latents, t, conditioning, negative, scale, reference)
+        output = self._output_at(latents, t, prompt_embeds, negative_prompt_embeds, guidance_scale, reference)
         return self.kernel.process.noise_prediction(output, latents, t)
+
+    def predict_training_target(self, latents: Tensor, t: Tensor | int, conditioning: Conditioning | Tensor, *,
+                                reference: bool = False) -> Tensor:
+        """The denoiser's prediction of ``training_target`` at timestep value(s) t, without CFG: ε̂ for diffusion
+        models, the velocity v̂ for flow-matching ones (what Diffusion-DPO's denoising errors compare)."""
+        t = torch.as_tensor(t, device=latents.device)
+        output = self._output_at(latents, t, conditioning, None, 1.0, reference)
+        return self.kernel.process.training_prediction(output, latents, t)
+
+    def training_target(self, x0: Tensor, noise: Tensor) -> Tensor:
+        """What the model family is trained to predict from add_training_noise(x0, noise, t): ε, or ε − x0 (flow)."""
+        return self.kernel.process.training_target(x0, noise)
+
+    def _output_at(self, latents, t, conditioning, negative_conditioning, guidance_scale, reference) -> Tensor:
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        conditioning, negative = self.as_conditioning(conditioning), self.as_conditioning(negative_conditioning)
+        with self._adapters(enabled=not reference):
+            return self._model_output(latents, t, conditioning, negative, scale, reference)
 
     # -- one transition ------------------------------------------------------------------------------------------
     def step(self, latents: Tensor, i: int | Tensor, conditioning: Conditioning,
@@ -294,8 +312,7 @@ class SDSampler:
 
     # -- whole trajectories ---------------------------------------------------------------------------------------
     def initial_latents(self, batch_size: int, generator=None) -> Tensor:
-        latents = randn_tensor(self.latent_shape(batch_size), generator=generator, device=self.device,
-                               dtype=self.dtype)
+        latents = self.family.initial_latents(batch_size, self.resolution, generator, self.device, self.dtype)
         # flow-matching schedulers start from unscaled noise and have no init_noise_sigma
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 

@@ -127,7 +127,7 @@ def test_unknown_key_names_it_and_lists_valid_keys(tmp_path, text, key, valid):
     ("sample: {guidance_scale: abc}", "sample.guidance_scale must be float, got 'abc'"),
     ("sample: {resolution: big}", "sample.resolution must be int | null, got 'big'"),
     ("train: {gradient_checkpointing: 1}", "train.gradient_checkpointing must be bool | null, got 1"),
-    ("train: {lora_target_modules: to_q}", "train.lora_target_modules must be list[str], got 'to_q'"),
+    ("train: {lora_target_modules: to_q}", "train.lora_target_modules must be list[str] | null, got 'to_q'"),
     ("train: {lora_target_modules: [to_q, 3]}", "train.lora_target_modules[1] must be str, got 3"),
     ("train: {mixed_precision: fp8}", "train.mixed_precision must be one of 'no', 'fp16', 'bf16', got 'fp8'"),
     ("train: {mixed_precision: no}", "got False; quote it"),

@@ -128,7 +128,8 @@ def test_few_step_log_probs_are_recomputed_exactly_and_carry_grad(tiny_pipe, nam
 
 
 def test_bad_scheduler_names_and_combinations_are_refused(tiny_pipe):
-    with pytest.raises(UserInputError, match="DPMSolverMultistepScheduler.*ddim, euler_ancestral, lcm"):
+    with pytest.raises(UserInputError, match="DPMSolverMultistepScheduler.*ddim, euler_ancestral, flow_cps, flow_euler, "
+                                             "flow_sde, lcm"):
         SDSampler(tiny_pipe, scheduler="euler")
     with pytest.raises(UserInputError, match="DDIM schedule"):
         SDSampler(tiny_pipe, scheduler="lcm", schedule="adjoint_matching")

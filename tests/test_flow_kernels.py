@@ -1,5 +1,5 @@
-"""The flow-matching kernels (flow_euler, flow_sde) against diffusers' FlowMatchEulerDiscreteScheduler and against
-Flow-GRPO's SDE written out here independently, and the SDE's marginals on a linear-Gaussian toy."""
+"""The flow-matching kernels (flow_euler, flow_sde, flow_cps) against diffusers' FlowMatchEulerDiscreteScheduler and
+against Flow-GRPO's SDE and Flow-CPS written out here independently, and their marginals on a linear-Gaussian toy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffrl.gaussian import gaussian_log_prob
-from diffrl.transitions import FlowEulerKernel, FlowSDEKernel, KernelSettings
+from diffrl.transitions import FlowCPSKernel, FlowEulerKernel, FlowSDEKernel, KernelSettings
 
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)   # stabilityai/stable-diffusion-3-medium's scheduler config
 
@@ -78,6 +78,31 @@ def test_sde_with_no_noise_is_the_ode_and_its_log_prob_is_the_normal_density():
     torch.testing.assert_close(gaussian_log_prob(sample, mean, std), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("a", [0.7, 1.0])
+def test_cps_steps_keep_the_forward_coefficients(a):
+    """x' = (1 − σ') x̂0 + σ' cos(aπ/2) ε̂ + σ' sin(aπ/2) z, with x̂0 = x − σ v̂ and ε̂ = x + (1 − σ) v̂ (Flow-CPS):
+    the coefficients of x̂0 and of the total noise are the forward process's (1 − σ') and σ'. The last step (σ' = 0)
+    is deterministic and lands on x̂0."""
+    sched = scheduler(4)
+    kernel = FlowCPSKernel(sched, KernelSettings(noise_level=a))
+    assert kernel.stochastic_steps == [0, 1, 2]
+    x = randn(2, 4, 8, 8, seed=0).double()
+    for i in range(4):
+        velocity = randn(2, 4, 8, 8, seed=10 + i).double()
+        sigma, sigma_next = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
+        x0, eps = x - sigma * velocity, x + (1 - sigma) * velocity
+        mean, std, _ = kernel.gaussian(velocity, x, i)
+        expected = (1 - sigma_next) * x0 + sigma_next * math.cos(a * math.pi / 2) * eps
+        torch.testing.assert_close(mean, expected, rtol=1e-6, atol=1e-6)   # float32 σ tables, float64 latents
+        assert math.isclose(float(std), sigma_next * math.sin(a * math.pi / 2), rel_tol=1e-6, abs_tol=1e-12)
+        x = mean
+    torch.testing.assert_close(mean, x0)   # the last step
+    quiet = FlowCPSKernel(sched, KernelSettings(noise_level=0.0))
+    velocity = randn(2, 4, 8, 8, seed=3)
+    ode = FlowEulerKernel(sched, KernelSettings()).gaussian(velocity, randn(2, 4, 8, 8, seed=4), 1)[0]
+    torch.testing.assert_close(quiet.gaussian(velocity, randn(2, 4, 8, 8, seed=4), 1)[0], ode, rtol=1e-6, atol=1e-6)
+
+
 # -- marginals on a linear-Gaussian toy --------------------------------------------------------------------------------
 DATA_MEAN, DATA_STD = 1.5, 0.5   # x0 ~ N(m, s²) per element
 
@@ -120,7 +145,8 @@ def test_the_sde_keeps_the_odes_marginals(a, steps):
     variance keeps a bias that does not shrink with T, from the first step, whose σ = 1 is replaced by the second σ
     (measured over T = 25 ... 1600: at most 0.45% of s² at a = 0.7, 0.02% at a = 1). The check allows 1% of s²;
     each broken drift tried (the sign of the σ_t²/(2σ) x term, the (1 − σ) factor, the ½, no correction at all)
-    misses by at least 30%."""
+    misses by at least 30%. (Flow-CPS is not in this test: its step noise σ' sin(aπ/2) does not shrink with the step
+    size, and on this toy it ends with 70% of the data's variance at a = 0.7, T = 100; see diffrl.transitions.flow_cps.)"""
     mean, var = toy_chain_moments(FlowSDEKernel, steps, a)
     assert abs(mean - DATA_MEAN) < 1e-9 and abs(var - DATA_STD**2) < 0.01 * DATA_STD**2, (mean, var)
 

@@ -49,7 +49,8 @@ def test_sde_log_probs_are_recomputed_exactly(sd3_pipe):
 
 
 def test_training_noise_and_noise_prediction_follow_the_flow(sd3_pipe):
-    """x_σ = (1 − σ) x0 + σ ε at timestep t = 1000 σ (diffusers' scale_noise), and ε̂ = x + (1 − σ) v̂."""
+    """x_σ = (1 − σ) x0 + σ ε at timestep t = 1000 σ (diffusers' scale_noise), ε̂ = x + (1 − σ) v̂, and the
+    velocity as the training target."""
     sampler = SDSampler(sd3_pipe, num_steps=4, guidance_scale=1.0)
     x0, noise = torch.randn(2, 2, *sampler.latent_shape(1)[1:], generator=torch.Generator().manual_seed(1))
     t = torch.tensor([250.0, 750.0])
@@ -60,6 +61,9 @@ def test_training_noise_and_noise_prediction_follow_the_flow(sd3_pipe):
     with torch.no_grad():
         velocity = sampler.family.denoise(sampler.network, noisy, t, conditioning)
         torch.testing.assert_close(sampler.predict_noise(noisy, t, conditioning), noisy + (1 - sigma) * velocity)
+        # Diffusion-DPO's errors on a flow model compare velocities: target ε − x0, prediction v̂ itself
+        assert torch.equal(sampler.predict_training_target(noisy, t, conditioning), velocity)
+    assert torch.equal(sampler.training_target(x0, noise), noise - x0)
 
 
 def test_a_diffusion_kernel_on_a_flow_model_is_refused_in_one_sentence(sd3_pipe, tiny_pipe):

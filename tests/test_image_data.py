@@ -180,7 +180,8 @@ class _FakeVae:
     class Config(dict):
         __getattr__ = dict.__getitem__
 
-    config = Config(scaling_factor=0.5, latent_channels=3, latents_mean=None, latents_std=None)  # as AutoencoderKL
+    config = Config(scaling_factor=0.5, latent_channels=3, latents_mean=None, latents_std=None,  # as AutoencoderKL
+                    shift_factor=None)
     device, dtype = torch.device("cpu"), torch.float32
 
     def __init__(self):

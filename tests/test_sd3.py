@@ -54,7 +54,7 @@ def test_encode_prompts_is_the_pipelines_encode_prompt(sd3_pipe, do_cfg, negativ
     projections side by side, as StableDiffusion3Pipeline.encode_prompt builds them; an empty negative prompt is
     the embedding of "" (not zeros, unlike SDXL)."""
     family = family_of(sd3_pipe)
-    cond, uncond = family.encode_prompts(PROMPTS, negative_prompt, do_cfg, 32)
+    cond, uncond = family.encode_prompts(PROMPTS, negative_prompt, 4.0 if do_cfg else 1.0, 32)
     with torch.no_grad():   # as the pipeline's __call__ runs it (T5's attention rounds differently with grad)
         embeds, negative, pooled, negative_pooled = sd3_pipe.encode_prompt(
             PROMPTS, None, None, do_classifier_free_guidance=do_cfg,
@@ -74,7 +74,7 @@ def test_encode_prompts_is_the_pipelines_encode_prompt(sd3_pipe, do_cfg, negativ
 
 def test_as_conditioning_refuses_bare_text_embeddings(sd3_pipe):
     family = family_of(sd3_pipe)
-    cond, _ = family.encode_prompts(PROMPTS, "", False, 32)
+    cond, _ = family.encode_prompts(PROMPTS, "", 1.0, 32)
     assert family.as_conditioning(cond) is cond
     with pytest.raises(ValueError, match="an SD3 transformer needs the pooled text embeddings"):
         family.as_conditioning(cond.prompt_embeds)
@@ -85,7 +85,7 @@ def test_denoise_is_the_pipelines_transformer_call(sd3_pipe, per_row):
     """As StableDiffusion3Pipeline.__call__ calls its transformer: t (1000·σ, a float) broadcast over the batch, or
     one per row as a trainer recomputing steps of different trajectories passes it."""
     family = family_of(sd3_pipe)
-    cond, _ = family.encode_prompts(PROMPTS, "", False, 32)
+    cond, _ = family.encode_prompts(PROMPTS, "", 1.0, 32)
     latents = _noise((2, 16, 16, 16))
     sd3_pipe.scheduler.set_timesteps(4)
     t = sd3_pipe.scheduler.timesteps[1:3] if per_row else sd3_pipe.scheduler.timesteps[1]
@@ -126,7 +126,7 @@ def test_lora_loads_in_plain_diffusers_with_alpha_not_equal_rank_and_resumes_exa
     assert {name.split("attn.")[1] for name in adapted} == {target.removeprefix("attn.")
                                                             for target in family.lora_target_modules}
     assert not any("attn2" in name for name in adapted)   # SD3.5's image-only attention stays frozen, as diffusers'
-    cond, _ = family.encode_prompts(PROMPTS, "", False, 32)
+    cond, _ = family.encode_prompts(PROMPTS, "", 1.0, 32)
     latents, t = _noise((2, 16, 16, 16)), torch.tensor(750.0)
     with torch.no_grad():
         trained = family.denoise(sd3_pipe.transformer, latents, t, cond)
@@ -165,8 +165,8 @@ def test_saved_tiny_sd3_loads_from_its_folder(sd3_pipe, tmp_path):
     assert type(loaded).__name__ == "StableDiffusion3Pipeline"
     assert isinstance(family_of(loaded), StableDiffusion3Family)
     assert loaded.tokenizer_3("a red circle").input_ids == sd3_pipe.tokenizer_3("a red circle").input_ids
-    original = family_of(sd3_pipe).encode_prompts(PROMPTS, "", False, 32)[0]
-    reloaded = family_of(loaded).encode_prompts(PROMPTS, "", False, 32)[0]
+    original = family_of(sd3_pipe).encode_prompts(PROMPTS, "", 1.0, 32)[0]
+    reloaded = family_of(loaded).encode_prompts(PROMPTS, "", 1.0, 32)[0]
     torch.testing.assert_close(reloaded.prompt_embeds, original.prompt_embeds, rtol=0, atol=0)
 
 
@@ -178,7 +178,7 @@ def test_sd35_medium_random_has_sd35_mediums_shapes_and_sizes():
     with torch.device("meta"):
         pipe = build_random_sd3_pipeline(SD35_MEDIUM_ARCHITECTURE)
     family = family_of(pipe)
-    cond, _ = family.encode_prompts(["a red circle"], "", False, 1024)
+    cond, _ = family.encode_prompts(["a red circle"], "", 1.0, 1024)
     assert cond.prompt_embeds.shape == (1, CLIP_TOKENS + T5_TOKENS, 4096)   # 768 + 1280 CLIP widths padded to T5's
     assert cond.pooled_prompt_embeds.shape == (1, 768 + 1280)
     latents = torch.empty(family.latent_shape(1, 1024), device="meta")

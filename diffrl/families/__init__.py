@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffrl.errors import UserInputError
 from diffrl.families.family import ModelFamily
+from diffrl.families.flux import FluxConditioning, FluxFamily
 from diffrl.families.stable_diffusion import StableDiffusionFamily
 from diffrl.families.stable_diffusion_3 import StableDiffusion3Family
 from diffrl.families.stable_diffusion_xl import StableDiffusionXLFamily
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     StableDiffusionFamily.name: StableDiffusionFamily,
     StableDiffusionXLFamily.name: StableDiffusionXLFamily,
     StableDiffusion3Family.name: StableDiffusion3Family,
+    FluxFamily.name: FluxFamily,
 }
 
 
@@ -32,5 +34,5 @@ def family_of(pipe) -> ModelFamily:
                          "(a new family is one adapter in diffrl.families, see docs/extending.md)")
 
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "family_of"]
+__all__ = ["FAMILIES", "Conditioning", "FluxConditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family",
+           "StableDiffusionFamily", "StableDiffusionXLFamily", "family_of"]

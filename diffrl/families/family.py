@@ -24,14 +24,20 @@ class ModelFamily(Protocol):
     lora_target_modules: ClassVar[tuple[str, ...]]  # train.lora_target_modules' default for this family
     upcasts_fp16_vae: ClassVar[bool]         # whether its pipeline decodes in float32 when the VAE says force_upcast
     default_scheduler: ClassVar[str]         # the transition kernel when sample.scheduler is unset (its pipeline's)
+    guidance: ClassVar[str]                  # "cfg": classifier-free, the sampler batches both halves in one call;
+    #                                          "distilled": the scale is a denoiser input in the conditioning (FLUX)
     denoiser: torch.nn.Module                # the network trained: a UNet, or a transformer
     vae: torch.nn.Module
 
     def __init__(self, pipe) -> None: ...
     def default_resolution(self) -> int: ...       # image side in pixels the model was trained at
     def latent_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]: ...
+    def initial_latents(self, batch_size: int, resolution: int, generator, device, dtype) -> Tensor: ...  # x_T,
+    #                                                       drawn as the family's pipeline draws it for a generator
+    def timestep_kwargs(self, num_steps: int, resolution: int) -> dict: ...   # extra scheduler.set_timesteps args
+    #                                                       as the family's pipeline passes them (FLUX: sigmas, mu)
     def frozen_modules(self) -> list[torch.nn.Module]: ...   # text encoders and VAE: never trained
-    def encode_prompts(self, prompts: list[str], negative_prompt: str, do_cfg: bool, resolution: int
+    def encode_prompts(self, prompts: list[str], negative_prompt: str, guidance_scale: float, resolution: int
                        ) -> tuple[Conditioning, Conditioning | None]: ...   # (conditional, unconditional or None)
     def as_conditioning(self, value) -> Conditioning: ...   # a conditioning object, or what users may pass instead
     def denoise(self, denoiser, latents: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor: ...  # model output

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffrl.errors import UserInputError
@@ -20,6 +21,7 @@ class StableDiffusionFamily:
     pipeline_classes = ("StableDiffusionPipeline",)
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     upcasts_fp16_vae = False   # StableDiffusionPipeline never upcasts
+    guidance = "cfg"           # classifier-free: two batched halves
     default_scheduler = "ddim"
 
     def __init__(self, pipe):
@@ -28,6 +30,12 @@ class StableDiffusionFamily:
     def default_resolution(self) -> int:
         return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
 
+    def timestep_kwargs(self, num_steps: int, resolution: int) -> dict:
+        return {}
+
+    def initial_latents(self, batch_size: int, resolution: int, generator, device, dtype) -> Tensor:
+        return randn_tensor(self.latent_shape(batch_size, resolution), generator=generator, device=device, dtype=dtype)
+
     def latent_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
         return unet_latent_shape(self.pipe, batch_size, resolution)
 
@@ -35,9 +43,10 @@ class StableDiffusionFamily:
         return [self.vae, self.pipe.text_encoder]
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], negative_prompt: str, do_cfg: bool, resolution: int
+    def encode_prompts(self, prompts: list[str], negative_prompt: str, guidance_scale: float, resolution: int
                        ) -> tuple[TextConditioning, TextConditioning | None]:
         """The pipeline's own encode_prompt; an empty negative prompt is the embedding of "" (the pipeline's too)."""
+        do_cfg = guidance_scale > 1.0
         negative = [negative_prompt] * len(prompts) if negative_prompt else None
         embeds, negative_embeds = self.pipe.encode_prompt(
             prompt=list(prompts), device=self.denoiser.device, num_images_per_prompt=1,

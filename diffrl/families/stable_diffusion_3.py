@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffrl.errors import UserInputError
@@ -26,6 +27,7 @@ class StableDiffusion3Family:
     lora_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     upcasts_fp16_vae = False   # StableDiffusion3Pipeline decodes in the VAE's own dtype
+    guidance = "cfg"           # classifier-free: two batched halves
     default_scheduler = "flow_euler"
     max_sequence_length = 256  # T5 tokens per prompt: StableDiffusion3Pipeline's default
 
@@ -34,6 +36,21 @@ class StableDiffusion3Family:
 
     def default_resolution(self) -> int:
         return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    def timestep_kwargs(self, num_steps: int, resolution: int) -> dict:
+        """μ of a scheduler with dynamic shifting, from the image's token count, as StableDiffusion3Pipeline computes
+        it; SD3 and SD3.5 ship a static shift (shift 3.0), which needs nothing."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return {}
+        tokens = (resolution // self.pipe.vae_scale_factor // self.denoiser.config.patch_size) ** 2
+        return {"mu": calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                      config.get("base_shift", 0.5), config.get("max_shift", 1.16))}
+
+    def initial_latents(self, batch_size: int, resolution: int, generator, device, dtype) -> Tensor:
+        return randn_tensor(self.latent_shape(batch_size, resolution), generator=generator, device=device, dtype=dtype)
 
     def latent_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
         """[B, C, R/f, R/f]; the transformer cuts the latent grid into patch_size² patches, so R must be a multiple
@@ -51,10 +68,11 @@ class StableDiffusion3Family:
         return [self.vae] + [encoder for encoder in encoders if encoder is not None]   # T5 is optional in SD3
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], negative_prompt: str, do_cfg: bool, resolution: int
+    def encode_prompts(self, prompts: list[str], negative_prompt: str, guidance_scale: float, resolution: int
                        ) -> tuple[TextConditioning, TextConditioning | None]:
         """The pipeline's own encode_prompt; every text encoder reads the same prompt (prompt_2 and prompt_3 None),
         and an empty negative prompt is the embedding of "" (the pipeline's default too)."""
+        do_cfg = guidance_scale > 1.0
         negative = [negative_prompt] * len(prompts) if negative_prompt else None
         embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.denoiser.device, num_images_per_prompt=1,

@@ -127,7 +127,7 @@ class DraftTrainer:
         n, last = self.config.lv_samples, self.sampler.num_steps - 1
         with torch.no_grad():
             traj = self.sampler.sample(prompts)
-        x0 = traj.latents[:, -1].repeat(n, 1, 1, 1)
+        x0 = torch.cat([traj.latents[:, -1]] * n)   # any latent layout (FLUX's are packed [B, tokens, C])
         noise = torch.randn(x0.shape, generator=self.generator).to(x0)
         noisy = self.sampler.add_noise(x0, noise, last)      # x = √ᾱ x0 + √(1−ᾱ) ε at the last step's level
         negative = None if traj.negative_conditioning is None else traj.negative_conditioning.repeat(n)

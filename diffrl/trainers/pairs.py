@@ -176,13 +176,13 @@ def dpo_update(sampler: SDSampler, optimization: Optimization, winners: Tensor, 
     if shared_noise:
         noise = torch.cat([noise[:len(winners)]] * 2)
     t = torch.cat([timesteps, timesteps]).to(device)
-    noisy = sampler.add_training_noise(clean, noise, t)
+    noisy, target = sampler.add_training_noise(clean, noise, t), sampler.training_target(clean, noise)
     embeds = sampler.encode_prompts(list(prompts))[0].repeat(2)
     with torch.no_grad(), (reference() if reference else contextlib.nullcontext()):
-        reference_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds,
-                                                                         reference=reference is None))
+        reference_errors = denoising_errors(target, sampler.predict_training_target(noisy, t, embeds,
+                                                                                    reference=reference is None))
     with optimization.accumulate():
-        policy_errors = denoising_errors(noise, sampler.predict_noise(noisy, t, embeds))
+        policy_errors = denoising_errors(target, sampler.predict_training_target(noisy, t, embeds))
         half = len(winners)
         loss, stats = preference_loss(policy_errors[:half], policy_errors[half:], reference_errors[:half],
                                       reference_errors[half:])

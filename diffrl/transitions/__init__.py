@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from diffrl.transitions.ddim import DDIMKernel
 from diffrl.transitions.euler_ancestral import EulerAncestralKernel
+from diffrl.transitions.flow_cps import FlowCPSKernel
 from diffrl.transitions.flow_euler import FlowEulerKernel
 from diffrl.transitions.flow_sde import FlowSDEKernel
 from diffrl.transitions.kernel import KernelSettings, TransitionKernel, per_step
@@ -23,8 +24,8 @@ from diffrl.transitions.scheduler import SchedulerKernel
 # SchedulerKernel (plain sampling: grids, evaluation, DRaFT).
 KERNELS: dict[str, type] = {
     "ddim": DDIMKernel, "euler_ancestral": EulerAncestralKernel, "lcm": LCMKernel,   # diffusion (ε/v) models
-    "flow_euler": FlowEulerKernel, "flow_sde": FlowSDEKernel,                        # flow-matching models
+    "flow_euler": FlowEulerKernel, "flow_sde": FlowSDEKernel, "flow_cps": FlowCPSKernel,   # flow-matching models
 }
 
-__all__ = ["KERNELS", "DDIMKernel", "EulerAncestralKernel", "FlowEulerKernel", "FlowSDEKernel", "KernelSettings",
-           "LCMKernel", "SchedulerKernel", "TransitionKernel", "per_step"]
+__all__ = ["KERNELS", "DDIMKernel", "EulerAncestralKernel", "FlowCPSKernel", "FlowEulerKernel", "FlowSDEKernel",
+           "KernelSettings", "LCMKernel", "SchedulerKernel", "TransitionKernel", "per_step"]

@@ -27,6 +27,12 @@ class VariancePreserving:
         alpha_t = per_step(self.alphas_cumprod.to(x_t.device), t, x_t)
         return x0_eps_from_model_output(output, x_t, alpha_t, self.prediction_type)[1]
 
+    def training_target(self, x0: Tensor, noise: Tensor) -> Tensor:
+        """ε: Diffusion-DPO's errors are ε-errors, v-prediction outputs converted (as diffrl always has)."""
+        return noise
+
+    training_prediction = noise_prediction
+
 
 class RectifiedFlow:
     """x_σ = (1 − σ) x0 + σ ε with σ = t / num_train_timesteps, for velocity-predicting denoisers v = ε − x0 (SD3,
@@ -44,3 +50,11 @@ class RectifiedFlow:
 
     def noise_prediction(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return flow_eps(x_t, output, self._sigma(t, x_t))
+
+    def training_target(self, x0: Tensor, noise: Tensor) -> Tensor:
+        """v = ε − x0, the flow-matching loss's target (SD3: Esser et al., arXiv 2403.03206, eq. 2 with the
+        rectified-flow path); the ε-error would weight it by (1 − σ)²."""
+        return noise - x0
+
+    def training_prediction(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return output

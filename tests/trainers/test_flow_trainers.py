@@ -1,5 +1,5 @@
 """Every trainer on the built-in tiny-sd3 (a flow-matching MMDiT) through the same configs as on SD 1.x: DRaFT on the
-ODE, the policy-gradient trainers and online PSO on Flow-GRPO's SDE, SPIN through the flow's training noise; and
+ODE, the policy-gradient trainers and online PSO on Flow-GRPO's SDE (LOOP on Flow-CPS), SPIN through the flow's training noise; and
 Adjoint Matching refused in one sentence (it needs a memoryless schedule, which no flow kernel has yet)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ SDE = "sample.scheduler=flow_sde"
 TRAINERS = {
     "draft": [],
     "ddpo": [SDE],
-    "loop": [SDE, "loop.samples_per_prompt=2"],
+    "loop": ["sample.scheduler=flow_cps", "loop.samples_per_prompt=2"],   # Flow-CPS's log-probs serve as well
     "dpok": [SDE, "dpok.p_step=1", "dpok.p_batch_size=2", "dpok.v_step=1", "dpok.v_batch_size=2"],
     "pso": [SDE, "sample.batch_size=2"],
     "spin": ["spin.dataset=assets/datasets/shapes", "spin.dataset_limit=8", "sample.batch_size=2",
