@@ -28,6 +28,8 @@ from diffrl.trainers import TRAINERS, section_name, trainer_entry
 class SampleConfig:
     num_steps: int = 50             # DDIM sampling steps (DRaFT, DDPO: 50)
     guidance_scale: float = 7.5     # classifier-free guidance scale; <= 1 disables CFG (SD default 7.5)
+    eval_guidance_scale: float | None = None  # guidance of grids and `diffrl evaluate`; None: guidance_scale. Train
+    # CFG-free (guidance_scale 1) and look with CFG, as Flow-GRPO's maintainers recommend for flow models
     eta: float = 0.0                # DDIM stochasticity in [0, 1]: 0 deterministic (DRaFT), 1 for DDPO/DPOK
     batch_size: int = 4             # prompts per process per training step
     resolution: int | None = None   # image side in pixels; None: the model's default

@@ -114,7 +114,10 @@ def sample_settings(targets: list[Target], **overrides) -> SampleConfig:
     """The first run's sampler settings (config defaults for bare models), with the options that were given."""
     config = first_config(targets) or load_config(None, [])
     given = {key: value for key, value in overrides.items() if value is not None}
-    return SampleConfig(**{**asdict(config.sample), **given})
+    settings = {**asdict(config.sample), **given}
+    if settings["eval_guidance_scale"] is not None:   # the run trained with one guidance and is looked at with another
+        settings["guidance_scale"] = settings["eval_guidance_scale"]
+    return SampleConfig(**settings)
 
 
 def default_rewards(targets: list[Target]) -> list[str]:

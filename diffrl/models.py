@@ -1,8 +1,9 @@
-"""load_pipeline: a diffusers Stable Diffusion, SDXL, SD3 or FLUX.1 pipeline from a hub id, a local folder, a single
-file, or a built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
+"""load_pipeline: a diffusers Stable Diffusion, SDXL, SD3, FLUX.1 or Z-Image pipeline from a hub id, a local folder, a
+single file, or a built-in; load_model: that plus what a run config adds (a fused student LoRA, a replacement VAE)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 from diffrl.errors import UserInputError, unknown_name
 
 if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading a model needs them
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           ZImagePipeline)
+    from transformers import Qwen2Tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -327,6 +330,110 @@ def build_flux_dev_random_pipeline(seed: int = 0) -> FluxPipeline:
     return build_random_flux_pipeline(FLUX_DEV_ARCHITECTURE, seed)
 
 
+# Z-Image: the transformer reads Qwen3's hidden states (cap_feat_dim = its hidden size); the rotary axes split the head
+# dimension (axes_dims sums to dim / n_heads), the first axis numbering caption positions, then the image's frame.
+TINY_ZIMAGE_ARCHITECTURE = {  # Z-Image at toy size: 32 px images, 16x16x16 latents in 64 patches of 2x2
+    "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8),   # grouped-query attention, as Qwen3-4B's
+    # one noise-refiner and one context-refiner block, then two main blocks
+    "transformer": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
+                        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12],
+                        axes_lens=[1024, 512, 512]),
+    "vae": TINY_FLUX_ARCHITECTURE["vae"],   # Z-Image decodes with FLUX.1's VAE
+    "default_sample_size": 16,   # latent pixels of the default image: 32 px (ZImagePipeline itself fixes 1024 px)
+}
+# Tongyi-MAI/Z-Image-Turbo's scheduler config: rectified flow with the static shift 3 (no dynamic shifting).
+ZIMAGE_TURBO_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+# Qwen3's chat template as ZImagePipeline renders it (one user message, add_generation_prompt=True,
+# enable_thinking=True): "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n".
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def build_qwen_tokenizer(model_max_length: int = 512) -> Qwen2Tokenizer:
+    """An offline Qwen2Tokenizer (byte-level BPE with Qwen's pre-tokenizer, as Qwen3's) whose merges are learned from
+    the tiny tokenizer's corpus and the chat template's words, each bare and after a space ("Ġ"), until every such
+    word is one token; every byte is a token too, so any text encodes. Qwen3's special tokens (<|endoftext|> pads,
+    <|im_end|> ends) and a chat template of Qwen3's form."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    from diffrl.tiny_tokenizer import CORPUS, bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    words = sorted(set(CORPUS) | {"user", "assistant"})
+    merges = _learn_byte_level_merges(words + [byte_chars[ord(" ")] + word for word in words])
+    vocab = {char: index for index, char in enumerate(byte_chars.values())}
+    for token in ["".join(pair) for pair in merges] + list(QWEN_SPECIAL_TOKENS):
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               unk_token=None, model_max_length=model_max_length, chat_template=QWEN_CHAT_TEMPLATE)
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in QWEN_SPECIAL_TOKENS])
+    return tokenizer
+
+
+def _learn_byte_level_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Classic BPE without an end-of-word marker: merge the most frequent adjacent pair (ties lexicographically)
+    until every word is one symbol."""
+    spelled = [tuple(word) for word in words]
+    merges = []
+    while True:
+        counts = collections.Counter(pair for symbols in spelled for pair in zip(symbols, symbols[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        spelled = [_merge_pair(symbols, best) for symbols in spelled]
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, i = [], 0
+    while i < len(symbols):
+        if symbols[i:i + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+def build_random_zimage_pipeline(architecture: dict, seed: int = 0) -> ZImagePipeline:
+    """A ZImagePipeline of the given architecture with seeded random weights and Z-Image-Turbo's scheduler config.
+
+    Built in float32 without downloads and without touching the global RNG, every model in eval mode as
+    from_pretrained leaves it; the text encoder's vocabulary is the offline tokenizer's (Qwen's cannot be downloaded
+    here); its images mean nothing. ``default_sample_size`` (latent pixels of the family's default image, not saved
+    with the pipeline) is set from the architecture.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_qwen_tokenizer()
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            max_position_embeddings=tokenizer.model_max_length, **architecture["text_encoder"]))
+        transformer = ZImageTransformer2DModel(**architecture["transformer"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, **architecture["vae"])
+    for model in (text_encoder, transformer, vae):
+        model.eval()
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(ZIMAGE_TURBO_SCHEDULER_CONFIG),
+                          vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size = architecture["default_sample_size"]
+    return pipe
+
+
+def build_tiny_zimage_pipeline(seed: int = 0) -> ZImagePipeline:
+    """Z-Image's architecture at toy size (noise and context refiners, single-stream blocks, Qwen3 text encoder with
+    its chat template, flow matching with Z-Image-Turbo's shift; 32 px), random weights."""
+    return build_random_zimage_pipeline(TINY_ZIMAGE_ARCHITECTURE, seed)
+
+
 def _clip_text_config(tokenizer, settings: dict):
     """A CLIP text encoder's config over the offline tokenizer's vocabulary and special tokens."""
     from transformers import CLIPTextConfig
@@ -371,12 +478,16 @@ BUILTIN_MODELS = {
     "flux-dev-random": (build_flux_dev_random_pipeline,
                         "FLUX.1-dev architecture with random weights (benchmarks; ~16.7 B params with T5-XXL, "
                         "no download)"),
+    "tiny-zimage": (build_tiny_zimage_pipeline,
+                    "Z-Image architecture at toy size with random weights (single-stream transformer with refiners, "
+                    "Qwen3 text encoder, flow matching; 32 px, for tests and demos)"),
 }
 
 
 def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline:
-    """Load a Stable Diffusion (1.x, 2.x, Turbo), SDXL (base, Turbo), SD3/3.5 or FLUX.1 text-to-image pipeline.
+    """Load a Stable Diffusion (1.x, 2.x, Turbo), SDXL (base, Turbo), SD3/3.5, FLUX.1 or Z-Image text-to-image
+    pipeline.
 
     ``name_or_path`` is a built-in name (see ``BUILTIN_MODELS``), a local diffusers folder, a single-file checkpoint
     (``.safetensors``/``.ckpt``), or a Hugging Face hub id (read from the local cache or downloaded). The family comes
@@ -414,6 +525,7 @@ PIPELINE_OPTIONS = {
     "StableDiffusionXLPipeline": dict(add_watermarker=False),
     "StableDiffusion3Pipeline": dict(image_encoder=None, feature_extractor=None),   # IP-Adapter's, when present
     "FluxPipeline": dict(image_encoder=None, feature_extractor=None),               # IP-Adapter's, when present
+    "ZImagePipeline": dict(),                                                       # no optional components
 }
 
 

@@ -249,6 +249,17 @@ class SDSampler:
         finally:
             network.enable_adapters()
 
+    @contextlib.contextmanager
+    def guidance(self, scale: float | None):
+        """A context in which sampling uses another guidance scale (None: unchanged): grids and evaluation of a run
+        trained without CFG."""
+        kept = self.guidance_scale
+        self.guidance_scale = kept if scale is None else scale
+        try:
+            yield
+        finally:
+            self.guidance_scale = kept
+
     def base_model(self):
         """A context in which every denoiser call (sampling included) runs the base model, its LoRA adapters off."""
         return self._adapters(enabled=False)

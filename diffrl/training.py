@@ -320,7 +320,7 @@ def write_grid(run: Run, output_dir: Path, step: int) -> Path | None:
     prompts = [prompt for prompt in run.prompts[: run.config.log.grid_prompts] for _ in seeds]
     latents = torch.cat([run.sampler.initial_latents(1, torch.Generator(run.sampler.device).manual_seed(seed))
                          for seed in seeds] * (len(prompts) // len(seeds)))
-    with run.accelerator.autocast():
+    with run.accelerator.autocast(), run.sampler.guidance(run.config.sample.eval_guidance_scale):
         traj = run.sampler.sample(prompts, initial_latents=latents,
                                   generator=torch.Generator(run.sampler.device).manual_seed(seeds[0]))
         rewards = run.reward(traj.images, prompts).float().tolist()

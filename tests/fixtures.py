@@ -61,10 +61,10 @@ def learning_run(run, steps: int, batch_size: int) -> tuple[float, float, float]
     """(fixed-seed reward before, after, largest LoRA change) over `steps` trainer steps of a run."""
     from diffrl.training import prompts_for_step
 
-    before, initial = fixed_seed_reward(run), lora_state(run.pipe.unet)
+    before, initial = fixed_seed_reward(run), lora_state(run.sampler.network)
     for step in range(steps):
         run.trainer.step(prompts_for_step(run.prompts, step, batch_size, seed=0))
-    change = max((p - initial[n]).abs().max().item() for n, p in lora_state(run.pipe.unet).items())
+    change = max((p - initial[n]).abs().max().item() for n, p in lora_state(run.sampler.network).items())
     return before, fixed_seed_reward(run), change
 
 

@@ -164,7 +164,6 @@ def test_ode_sampling_equals_the_flux_pipeline(flux_pipe, schnell_pipe, variant)
     sampler's timesteps. The initial latents are the pipeline's own for the same generator (FluxPipeline draws
     unpacked noise and packs it)."""
     pipe = flux_pipe if variant == "dev" else schnell_pipe
-    family = family_of(pipe)
     sampler = SDSampler(pipe, num_steps=4, guidance_scale=GUIDANCE, resolution=32)
     assert sampler.kernel.name == "flow_euler" and not sampler.do_cfg
     latents = sampler.initial_latents(2, torch.Generator().manual_seed(0))   # drawn through the family's hook

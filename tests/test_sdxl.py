@@ -247,7 +247,7 @@ def test_folder_of_another_pipeline_class_is_named_in_one_sentence(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline"}')
     with pytest.raises(UserInputError, match="is a StableDiffusionXLImg2ImgPipeline; diffrl fine-tunes text-to-image "
                                              "StableDiffusionPipeline, StableDiffusionXLPipeline, "
-                                             "StableDiffusion3Pipeline and FluxPipeline models"):
+                                             "StableDiffusion3Pipeline, FluxPipeline and ZImagePipeline models"):
         load_pipeline(str(tmp_path))
 
 

@@ -335,3 +335,22 @@ def test_compile_compiles_the_unet_in_place_keeping_its_parameter_names(tmp_path
     compiled = build_run(fast_config("train.compile=true"), tmp_path / "compiled").pipe.unet
     assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
     assert [name for name, _ in compiled.named_parameters()] == [name for name, _ in plain.named_parameters()]
+
+
+def test_grids_use_the_eval_guidance_scale_and_training_does_not(tmp_path, monkeypatch):
+    """A run trained CFG-free (guidance 1) draws its grids with sample.eval_guidance_scale (CFG 4), then trains
+    without CFG again."""
+    from diffrl.training import write_grid
+
+    run = build_run(fast_config("sample.guidance_scale=1.0", "sample.eval_guidance_scale=4.0", "log.grid_prompts=1",
+                                "log.grid_seeds=[0]"), tmp_path)
+    seen, sample = [], run.sampler.sample
+
+    def recording_sample(*args, **kwargs):
+        seen.append((run.sampler.guidance_scale, run.sampler.do_cfg))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(run.sampler, "sample", recording_sample)
+    write_grid(run, tmp_path, 0)
+    run.trainer.step(["a red circle"] * 4)
+    assert seen == [(4.0, True), (1.0, False)]

@@ -13,6 +13,7 @@ from diffrl.families.flux import FluxConditioning, FluxFamily
 from diffrl.families.stable_diffusion import StableDiffusionFamily
 from diffrl.families.stable_diffusion_3 import StableDiffusion3Family
 from diffrl.families.stable_diffusion_xl import StableDiffusionXLFamily
+from diffrl.families.z_image import ZImageConditioning, ZImageFamily
 from diffrl.trajectory import Conditioning
 
 FAMILIES: dict[str, type[ModelFamily]] = {
@@ -20,6 +21,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
     StableDiffusionXLFamily.name: StableDiffusionXLFamily,
     StableDiffusion3Family.name: StableDiffusion3Family,
     FluxFamily.name: FluxFamily,
+    ZImageFamily.name: ZImageFamily,
 }
 
 
@@ -35,4 +37,4 @@ def family_of(pipe) -> ModelFamily:
 
 
 __all__ = ["FAMILIES", "Conditioning", "FluxConditioning", "FluxFamily", "ModelFamily", "StableDiffusion3Family",
-           "StableDiffusionFamily", "StableDiffusionXLFamily", "family_of"]
+           "StableDiffusionFamily", "StableDiffusionXLFamily", "ZImageConditioning", "ZImageFamily", "family_of"]

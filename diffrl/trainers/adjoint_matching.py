@@ -30,6 +30,7 @@ time. The effect is a slightly smaller effective λ.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,11 @@ def check_config(config: AdjointMatchingConfig, sampler: SDSampler, reward: Rewa
     if not getattr(reward, "differentiable", False):
         raise UserInputError(f"Adjoint Matching starts from the reward's gradient, but {type(reward).__name__} is not "
                              "differentiable; use a differentiable reward or a policy-gradient trainer (ddpo, dpok)")
+    if not sampler.is_memoryless and sampler.kernel.flow_matching:
+        raise UserInputError(
+            "Adjoint Matching needs the memoryless schedule to reach p_base·exp(λr); on a flow-matching model that is "
+            f"sample.scheduler=flow_sde with sample.noise_level={math.sqrt(2)} (σ_t² = 2σ/(1−σ)) (got "
+            f"sample.scheduler={sampler.kernel.name}, sample.noise_level={sampler.noise_level})")
     if not sampler.is_memoryless:   # the control is divided by each step's σ: none may be 0
         raise UserInputError(
             f"Adjoint Matching needs the memoryless schedule, DDIM with eta = 1 and σ > 0 at every step, to reach "

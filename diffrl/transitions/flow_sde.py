@@ -6,6 +6,8 @@ float32; the same numbers in float32 runs). Notation and formulas in diffrl.flow
 
 from __future__ import annotations
 
+import math
+
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
@@ -13,14 +15,16 @@ from diffrl.flow import flow_eps, flow_noised, flow_x0, sde_mean, sde_scale, sde
 from diffrl.transitions.kernel import KernelSettings, per_step
 from diffrl.transitions.process import RectifiedFlow
 
+MEMORYLESS_NOISE_LEVEL = math.sqrt(2)
+
 
 class FlowSDEKernel:
     name = "flow_sde"
-    description = "Flow-GRPO's SDE with the ODE's marginals, noise scale sample.noise_level (0.7); every step stochastic"
+    description = ("Flow-GRPO's SDE with the ODE's marginals, noise scale sample.noise_level (0.7; √2: memoryless, "
+                   "for Adjoint Matching); every step stochastic")
     has_density = True
     flow_matching = True
     scheduler_class = FlowMatchEulerDiscreteScheduler
-    is_memoryless = False
 
     def __init__(self, scheduler, settings: KernelSettings):
         self.timesteps = scheduler.timesteps
@@ -31,6 +35,10 @@ class FlowSDEKernel:
         self.stochastic_steps = [i for i, std in enumerate(self.stds.tolist()) if std > 0]
         self._stochastic = set(self.stochastic_steps)
         self.process = RectifiedFlow(scheduler)
+        # a = √2 is Adjoint Matching's memoryless schedule for flow matching, σ(t)² = 2(1 − t)/t in its time t = 1 − σ
+        # (Domingo-Enrich et al., arXiv 2409.08861, flow-matching case): the x term of the first step's mean keeps
+        # 1 − a²/2 = 0 of x_T, so the chain forgets its start up to one step of the velocity.
+        self.is_memoryless = math.isclose(settings.noise_level, MEMORYLESS_NOISE_LEVEL, rel_tol=1e-6)
 
     def draws_noise(self, i: int) -> bool:
         return i in self._stochastic
