@@ -142,7 +142,7 @@ def check_config(config: AdjointMatchingConfig, sampler: SDSampler, reward: Rewa
     if not getattr(reward, "differentiable", False):
         raise UserInputError(f"Adjoint Matching starts from the reward's gradient, but {type(reward).__name__} is not "
                              "differentiable; use a differentiable reward or a policy-gradient trainer (ddpo, dpok)")
-    if not sampler.is_memoryless and sampler.kernel.flow_matching:
+    if not sampler.is_memoryless and sampler.is_flow_model:
         raise UserInputError(
             "Adjoint Matching needs the memoryless schedule to reach p_base·exp(λr); on a flow-matching model that is "
             f"sample.scheduler=flow_sde with sample.noise_level={math.sqrt(2)} (σ_t² = 2σ/(1−σ)) (got "

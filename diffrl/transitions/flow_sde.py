@@ -36,8 +36,9 @@ class FlowSDEKernel:
         self._stochastic = set(self.stochastic_steps)
         self.process = RectifiedFlow(scheduler)
         # a = √2 is Adjoint Matching's memoryless schedule for flow matching, σ(t)² = 2(1 − t)/t in its time t = 1 − σ
-        # (Domingo-Enrich et al., arXiv 2409.08861, flow-matching case): the x term of the first step's mean keeps
-        # 1 − a²/2 = 0 of x_T, so the chain forgets its start up to one step of the velocity.
+        # (Domingo-Enrich et al., arXiv 2409.08861, the flow-matching case; equation number not checked, the
+        # linear-Gaussian tilt test in tests/trainers/test_adjoint_matching.py verifies it): the x term of the first
+        # step's mean keeps 1 − a²/2 = 0 of x_T, so the chain forgets its start up to one step of the velocity.
         self.is_memoryless = math.isclose(settings.noise_level, MEMORYLESS_NOISE_LEVEL, rel_tol=1e-6)
 
     def draws_noise(self, i: int) -> bool:

@@ -52,8 +52,8 @@ class RectifiedFlow:
         return flow_eps(x_t, output, self._sigma(t, x_t))
 
     def training_target(self, x0: Tensor, noise: Tensor) -> Tensor:
-        """v = ε − x0, the flow-matching loss's target (SD3: Esser et al., arXiv 2403.03206, eq. 2 with the
-        rectified-flow path); the ε-error would weight it by (1 − σ)²."""
+        """v = ε − x0, the target of the rectified-flow loss SD3 is trained with (Esser et al., arXiv 2403.03206, §2;
+        equation number not checked); the ε-error would weight it by (1 − σ)²."""
         return noise - x0
 
     def training_prediction(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
