@@ -1,4 +1,4 @@
-"""Pure math shared by the policy-gradient trainers (DDPO, LOOP, DPOK): surrogates and advantages.
+"""Pure math shared by the policy-gradient trainers (DDPO, LOOP, DPOK, GRPO, NFT): surrogates and advantages.
 
 Notation (paper -> code):
     ρ = p_θ(x_{t'}|x_t) / p_old(x_{t'}|x_t)   ratio         exp(log_probs − old_log_probs), per-step log-probs as
@@ -80,6 +80,34 @@ def leave_one_out_advantages(rewards: Tensor, normalize_std: bool = False, eps: 
     if normalize_std:
         advantages = advantages / (rewards.std(dim=-1, keepdim=True) + eps)
     return advantages
+
+
+def group_advantages(prompts: list[str], rewards: Tensor, *, global_std: bool = False, eps: float = 1e-4) -> Tensor:
+    """Flow-GRPO's group-relative advantages (Liu et al. 2025, eq. 4; official flow_grpo/stat_tracking.py at
+    ac4c86e, lines 17-31): Â_i = (R_i − mean of its group) / (std + eps), a group being the samples of one prompt text
+    in this batch. The std is the group's own, or with ``global_std`` the whole batch's (the official option); both
+    are population stds (numpy's default), eps = 1e-4 as in the official code. A group whose rewards are all equal
+    gets Â = 0 (its samples carry no signal: see ``nonzero_groups``). Call it on the batch gathered from every
+    process so that groups split across processes are whole. Computed in float64 like the official numpy code."""
+    values = rewards.detach().double().cpu()
+    if len(prompts) != len(values):
+        raise ValueError(f"{len(prompts)} prompts for {len(values)} rewards")
+    rows_of: dict[str, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        rows_of.setdefault(prompt, []).append(row)
+    batch_std = values.std(correction=0)
+    out = torch.empty_like(values)
+    for rows in rows_of.values():
+        group = values[rows]
+        std = batch_std if global_std else group.std(correction=0)
+        out[rows] = (group - group.mean()) / (std + eps)
+    return out.to(device=rewards.device, dtype=torch.float32)
+
+
+def nonzero_groups(advantages: Tensor) -> Tensor:
+    """[N] bool: the samples whose advantage is not exactly zero. Flow-GRPO trains only on these (official
+    scripts/train_sd3.py at ac4c86e, lines 796-817): a group of identical rewards has only zero advantages."""
+    return advantages != 0
 
 
 class PerPromptStatTracker:

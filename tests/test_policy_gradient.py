@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diffrl.policy_gradient import (PerPromptStatTracker, clamped_ratio_loss, leave_one_out_advantages,
-                                    ppo_clipped_loss)
+from diffrl.policy_gradient import (PerPromptStatTracker, clamped_ratio_loss, group_advantages,
+                                    leave_one_out_advantages, nonzero_groups, ppo_clipped_loss)
 
 LOG2 = math.log(2.0)
 
@@ -95,3 +95,24 @@ def test_dpok_clamp_has_no_policy_gradient_outside_the_clip_range():
     torch.testing.assert_close(loss, torch.tensor((-1.1 + 1.1 - 0.9 + 0.9 - 2 * inside) / 5))
     torch.testing.assert_close(log_probs.grad, torch.tensor([0.0, 0.0, 0.0, 0.0, -2 * inside / 5]))
     torch.testing.assert_close(stats.clip_fraction, torch.tensor(0.8))
+
+
+def test_group_advantages_match_a_hand_worked_table():
+    # group "a": rewards 1, 3 -> mean 2, population std 1; group "b": 5, 5, 5 -> std 0; group "c": 0, 4 -> mean 2, std 2
+    prompts = ["a", "b", "a", "c", "b", "b", "c"]
+    rewards = torch.tensor([1.0, 5.0, 3.0, 0.0, 5.0, 5.0, 4.0])
+    eps = 1e-4
+    expected = torch.tensor([-1 / (1 + eps), 0.0, 1 / (1 + eps), -2 / (2 + eps), 0.0, 0.0, 2 / (2 + eps)])
+    advantages = group_advantages(prompts, rewards)
+    assert advantages.dtype == torch.float32
+    torch.testing.assert_close(advantages, expected, rtol=1e-6, atol=0)
+    assert nonzero_groups(advantages).tolist() == [True, False, True, True, False, False, True]
+
+
+def test_group_advantages_with_the_global_std():
+    prompts = ["a", "b", "a", "b"]
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    # batch mean 3, population variance (4 + 1 + 0 + 9) / 4 = 3.5
+    std = 3.5 ** 0.5 + 1e-4
+    expected = torch.tensor([-1.0, -2.0, 1.0, 2.0]) / std
+    torch.testing.assert_close(group_advantages(prompts, rewards, global_std=True), expected, rtol=1e-6, atol=0)
