@@ -6,7 +6,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,8 +16,8 @@ import torch
 from diffrl.errors import UserInputError, unknown_name
 
 if TYPE_CHECKING:  # diffusers/transformers take seconds to import; only loading a model needs them
-    from diffusers import (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           ZImagePipeline)
+    from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, ZImagePipeline)
     from transformers import Qwen2Tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -558,17 +560,50 @@ def _pipeline_class_name(name_or_path: str) -> str:
     return json.loads(index.read_text(encoding="utf-8")).get("_class_name", "<no _class_name>")
 
 
+# diffusers' name of a single-file checkpoint's model type -> the pipeline diffrl trains it with
+SINGLE_FILE_PIPELINES = {
+    "v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline", "xl_base": "StableDiffusionXLPipeline",
+    "playground-v2-5": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+    "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline", "flux-dev": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+}
+
+
+class _TensorShapes(Mapping):
+    """A safetensors file's tensor names and shapes, read from its header only (no tensor data is loaded): enough for
+    diffusers' `infer_diffusers_model_type`, which asks ``key in checkpoint`` and ``checkpoint[key].shape``."""
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self.shapes = shapes
+
+    def __getitem__(self, key: str) -> SimpleNamespace:
+        return SimpleNamespace(shape=self.shapes[key])
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 def single_file_pipeline_class(path: str | Path) -> str:
-    """The pipeline class of a single-file checkpoint, from its tensor names (the header only): SDXL's files hold a
-    second text encoder (conditioner.embedders.1)."""
+    """The pipeline class of a single-file checkpoint (the original Stability / Black Forest Labs layouts), from its
+    tensor names and shapes as diffusers' own ``infer_diffusers_model_type`` reads them; a model type diffrl does not
+    train (a refiner, an inpainting or video model, ...) is refused with its name."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as weights:
-        sdxl = any(key.startswith("conditioner.embedders.1.") for key in weights.keys())
-    return "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        shapes = {key: torch.Size(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    model_type = infer_diffusers_model_type(_TensorShapes(shapes))
+    if model_type not in SINGLE_FILE_PIPELINES:
+        raise UserInputError(f"model file {str(path)!r} holds a {model_type!r} checkpoint (as diffusers reads its "
+                             f"tensor names); diffrl trains single files of these kinds: "
+                             f"{', '.join(SINGLE_FILE_PIPELINES)}")
+    return SINGLE_FILE_PIPELINES[model_type]
 
 
-def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def _from_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
     if not path.is_file():
         raise UserInputError(f"model file {str(path)!r} does not exist")
     if path.suffix == ".ckpt":
@@ -578,6 +613,8 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline
 
     try:
         class_name = single_file_pipeline_class(path)
+    except UserInputError:
+        raise
     except Exception as error:  # safetensors raises its own SafetensorError for a file that is not safetensors
         raise UserInputError(f"model file {str(path)!r} is not a readable safetensors file ({_first_line(error)})"
                              ) from error

@@ -251,17 +251,33 @@ def test_folder_of_another_pipeline_class_is_named_in_one_sentence(tmp_path):
         load_pipeline(str(tmp_path))
 
 
-def test_single_file_family_is_read_from_tensor_names(tmp_path):
-    """SDXL single files (the original Stability layout) hold a second text encoder under conditioner.embedders.1."""
+@pytest.mark.parametrize("keys, pipeline_class", [
+    ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (2,)}, "StableDiffusionXLPipeline"),
+    ({"cond_stage_model.transformer.text_model.final_layer_norm.weight": (2,)}, "StableDiffusionPipeline"),
+    ({"model.diffusion_model.joint_blocks.37.x_block.mlp.fc1.weight": (2,)}, "StableDiffusion3Pipeline"),  # 3.5 L
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (2,), "guidance_in.in_layer.bias": (2,),
+      "img_in.weight": (3, 64)}, "FluxPipeline"),                                                       # FLUX.1-dev
+    ({"double_blocks.0.img_attn.norm.key_norm.scale": (2,)}, "FluxPipeline"),                          # schnell
+])
+def test_single_file_family_is_read_from_tensor_names(tmp_path, keys, pipeline_class):
+    """The original Stability / Black Forest Labs layouts, told apart by diffusers' own tensor-name rules."""
     from safetensors.torch import save_file
 
     from diffrl.models import single_file_pipeline_class
 
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(tmp_path / "xl.safetensors"))
-    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(2)},
-              str(tmp_path / "sd15.safetensors"))
-    assert single_file_pipeline_class(tmp_path / "xl.safetensors") == "StableDiffusionXLPipeline"
-    assert single_file_pipeline_class(tmp_path / "sd15.safetensors") == "StableDiffusionPipeline"
+    save_file({key: torch.zeros(shape, dtype=torch.bool) for key, shape in keys.items()}, str(tmp_path / "m.safetensors"))
+    assert single_file_pipeline_class(tmp_path / "m.safetensors") == pipeline_class
+
+
+def test_single_file_of_a_model_type_diffrl_does_not_train_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffrl.models import single_file_pipeline_class
+
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)},
+              str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(UserInputError, match="holds a 'xl_refiner' checkpoint .* v1, v2, xl_base"):
+        single_file_pipeline_class(tmp_path / "refiner.safetensors")
 
 
 def test_sdxl_lora_round_trip_through_plain_diffusers_keeps_alpha(tmp_path, sdxl_pipe):
