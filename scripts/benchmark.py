@@ -1,12 +1,14 @@
 """Benchmark diffrl's sampling and every trainer's step against plain diffusers, in one process, on the same settings.
 
 1. SDSampler (eta = 0, no grad) vs ``pipe(..., eta=0, output_type="pt")`` on the same latents, batch, steps and CFG
-   (target: sampler / pipeline <= 1.05).
+   (target: sampler / pipeline <= 1.05). On a flow-matching model (SD3, FLUX, Z-Image) both sample the ODE.
 2. Per trainer (``build_run`` with reward=brightness and the trainer's defaults):
    - draft: one DRaFT-1 step vs sampling the same batch without grad (target <= 1.3);
    - ddpo, loop: the training pass over a stored rollout (one CFG UNet call per step, plus backward) vs the rollout
      itself (target <= 2); LOOP rolls out batch/2 prompts x 2 samples, so both roll out the same batch;
    - dpok, adjoint_matching: one whole step vs sampling the batch without grad (reported, no target).
+   On a flow-matching model the likelihood trainers sample Flow-GRPO's SDE and Adjoint Matching the memoryless one
+   (FLOW_SETTINGS).
 3. Peak memory of each contender: CPU max RSS and, on CUDA, torch.cuda.max_memory_allocated.
 4. Host-device reads inside the loops (--profile): torch.profiler counts the ops that copy a value to the host
    (aten::_local_scalar_dense, i.e. .item()/float()/bool() of a tensor; on CUDA also cudaStreamSynchronize and
@@ -19,6 +21,7 @@ that drift hits both; the median is reported. Prints a table and writes every nu
     python scripts/benchmark.py                                  # tiny model on CPU, about a minute
     python scripts/benchmark.py --model sd15-random --resolution 128 --steps 10 --batch-size 2
     python scripts/benchmark.py --model sd15-random --device cuda --dtype bf16 --batch-size 4 --steps 50
+    python scripts/benchmark.py --model sd35-medium-random --device cuda --dtype bf16 --resolution 512 --steps 28
 """
 
 from __future__ import annotations
@@ -60,6 +63,15 @@ TRAINER_SETTINGS = {
     "loop": (["sample.eta=1.0", "loop.samples_per_prompt=2"], ("train_pass", "rollout")),
     "dpok": (["sample.eta=1.0", "dpok.p_step=1"], ("step", "sample_no_grad")),
     "adjoint_matching": (["sample.eta=1.0"], ("step", "sample_no_grad")),
+}
+# The same comparisons on a flow-matching model (SD3, FLUX, Z-Image): the ODE for DRaFT, Flow-GRPO's SDE for the
+# likelihood trainers, the memoryless flow SDE (a = √2) for Adjoint Matching.
+FLOW_SETTINGS = {
+    "draft": ["draft.k=1"],
+    "ddpo": ["sample.scheduler=flow_sde"],
+    "loop": ["sample.scheduler=flow_sde", "loop.samples_per_prompt=2"],
+    "dpok": ["sample.scheduler=flow_sde", "dpok.p_step=1"],
+    "adjoint_matching": ["sample.scheduler=flow_sde", f"sample.noise_level={2 ** 0.5}"],
 }
 
 
@@ -197,16 +209,32 @@ def benchmark_sampling(args: argparse.Namespace, prompts: list[str]) -> dict:
         with torch.no_grad():
             outputs["sampler"] = sampler.sample(prompts, initial_latents=latents).images
 
+    pipeline_kwargs = pipeline_call_settings(pipe, sampler, args.guidance)
+
     def run_pipeline():
-        outputs["pipeline"] = pipe(prompts, latents=latents, num_inference_steps=args.steps, eta=0.0, height=size,
-                                   width=size, guidance_scale=args.guidance, output_type="pt").images
+        outputs["pipeline"] = pipe(prompts, latents=latents, num_inference_steps=args.steps, height=size, width=size,
+                                   output_type="pt", **pipeline_kwargs).images
 
     result = compare({"sampler": run_sampler, "pipeline": run_pipeline}, len(prompts), args.repeats, args.device)
     result["load_pipeline"] = {"memory": load_memory}
     result["resolution"] = size
+    result["family"] = sampler.family.name
+    args.flow_model = sampler.is_flow_model   # the trainers' sampler settings follow it
     result["max_abs_image_diff"] = (outputs["sampler"].float() - outputs["pipeline"].float()).abs().max().item()
     del pipe, sampler, outputs
     return result
+
+
+def pipeline_call_settings(pipe, sampler, guidance: float) -> dict:
+    """The pipeline arguments that match the sampler's deterministic sampling: DDIM's eta = 0 where the pipeline takes
+    one (SD, SDXL; flow pipelines are deterministic), and the guidance in the pipeline's own convention (Z-Image's
+    guidance_scale is diffrl's minus 1: see diffrl.families.z_image)."""
+    import inspect
+
+    settings = {"guidance_scale": guidance - 1.0 if sampler.family.name == "zimage" else guidance}
+    if "eta" in inspect.signature(pipe.__call__).parameters:
+        settings["eta"] = 0.0
+    return settings
 
 
 def trainer_overrides(args: argparse.Namespace, trainer: str) -> list[str]:
@@ -216,7 +244,8 @@ def trainer_overrides(args: argparse.Namespace, trainer: str) -> list[str]:
             f"sample.num_steps={args.steps}", f"sample.guidance_scale={args.guidance}",
             f"sample.batch_size={prompts_per_step}", f"sample.resolution={resolution}",
             f"train.mixed_precision={MIXED_PRECISION[args.dtype]}",
-            f"train.gradient_checkpointing={CHECKPOINTING[args.gradient_checkpointing]}", *TRAINER_SETTINGS[trainer][0],
+            f"train.gradient_checkpointing={CHECKPOINTING[args.gradient_checkpointing]}",
+            *(FLOW_SETTINGS[trainer] if getattr(args, "flow_model", False) else TRAINER_SETTINGS[trainer][0]),
             *fitted_to_steps(trainer, args.steps)]
 
 

@@ -83,7 +83,9 @@ class PsoTrainer:
         else:
             self.dataset = load_pair_dataset(config, "pso", sampler, run_dir)
             self.reference_latents = None      # generated at the first step (or read from the run's cache)
-            self.grid = sampler.timesteps.round().long().cpu()   # the student's own timesteps (trailing: integers)
+            # the student's own timesteps: integers on a diffusion model (trailing spacing), the flow scheduler's
+            # σ·1000 values on a flow model, whose forward process is continuous in t
+            self.grid = sampler.timesteps.cpu() if sampler.is_flow_model else sampler.timesteps.round().long().cpu()
 
     @staticmethod
     def optimizer_steps_per_step(config) -> float:   # config: the run's diffrl.config.Config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from diffrl.errors import UserInputError
 from diffrl.training import build_run, prompts_for_step
@@ -57,3 +58,13 @@ def test_draft_learns_on_sd3(tmp_path):
     before, after, change = learning_run(run, steps=15, batch_size=4)
     assert change > 1e-3
     assert after - before > MIN_DRAFT_GAIN, f"reward {before:.4f} -> {after:.4f}"
+
+
+def test_offline_pso_noises_to_the_flow_students_own_timesteps(tmp_path):
+    """A flow scheduler's timesteps are σ·1000, not integers (tiny-sd3's 4 shifted steps: 1000, 857.7, 602.2, 8.9):
+    offline PSO draws its training times from them unrounded."""
+    run = build_run(fast_config(SD3, "trainer=pso", "pso.mode=offline", "pso.dataset=assets/datasets/shapes",
+                                "pso.dataset_limit=4", "sample.batch_size=2"), tmp_path)
+    assert run.trainer.grid.dtype == run.sampler.timesteps.dtype and run.trainer.grid.is_floating_point()
+    assert torch.equal(run.trainer.grid, run.sampler.timesteps.cpu())
+    assert not torch.equal(run.trainer.grid, run.trainer.grid.round())
