@@ -6,21 +6,18 @@ the LoRA file read by the plain pipeline with alpha ≠ rank. flux-dev-random's 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from safetensors import safe_open
 
 from diffrl.errors import UserInputError
 from diffrl.families import FluxConditioning, FluxFamily, family_of
-from diffrl.lora import LORA_WEIGHTS_NAME
 from diffrl.models import (FLUX_DEV_ARCHITECTURE, TINY_FLUX_ARCHITECTURE, build_random_flux_pipeline,
                            build_tiny_flux_pipeline, load_pipeline)
 from diffrl.sampler import SDSampler
 from tests.conftest import PROMPTS, perturb_lora
+from tests.fixtures import check_lora_round_trip
 
 T5_TOKENS = 512   # FluxPipeline's max_sequence_length: the text sequence is T5's tokens alone
 GUIDANCE = 3.5    # FluxPipeline's default guidance_scale
@@ -213,32 +210,7 @@ def test_lora_loads_in_plain_diffusers_with_alpha_not_equal_rank_and_resumes_exa
         "attn.to_q", "attn.to_k", "attn.to_v"}
     cond = family.encode_prompts(PROMPTS, "", GUIDANCE, 32)[0]
     latents, t = _noise((2, 64, 64)), torch.tensor(750.0)
-    with torch.no_grad():
-        trained = family.denoise(flux_pipe.transformer, latents, t, cond)
-    path = family.save_lora(tmp_path)
-    assert path == tmp_path / LORA_WEIGHTS_NAME
-
-    plain = build_tiny_flux_pipeline()
-    with torch.no_grad():
-        base = family.denoise(plain.transformer, latents, t, cond)
-    plain.load_lora_weights(tmp_path)
-    with torch.no_grad():
-        loaded = family.denoise(plain.transformer, latents, t, cond)
-    # Both transformers run peft's LoRA layers on the same float32 weights; the bound (as in tests/test_sd3.py) leaves
-    # room for a loader that applies alpha/rank at another point of the sum, 1000x below the adapter's effect.
-    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5 * trained.abs().max().item())
-    assert (trained - base).abs().max() > 1e-2 * trained.abs().max()   # the adapter really changes the output
-    with safe_open(str(path), "pt") as handle:
-        assert all(key.startswith("transformer.") for key in handle.keys())
-        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
-    assert metadata["transformer.lora_alpha"] == 8 and metadata["transformer.r"] == 4
-
-    fresh = family_of(build_tiny_flux_pipeline())
-    fresh.add_lora(rank=4, alpha=8, target_modules=fresh.lora_target_modules)
-    fresh.load_lora(tmp_path)
-    saved = {n: p for n, p in flux_pipe.transformer.named_parameters() if "lora_" in n}
-    resumed = {n: p for n, p in fresh.denoiser.named_parameters() if "lora_" in n}
-    assert saved.keys() == resumed.keys() and all(torch.equal(saved[n], resumed[n]) for n in saved)
+    check_lora_round_trip(family, build_tiny_flux_pipeline, latents, t, cond, tmp_path)
 
 
 def test_flux_dev_random_has_flux_devs_shapes_and_sizes():

@@ -4,18 +4,15 @@ pipeline with alpha ≠ rank. sd35-medium-random's configs are checked on the me
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from safetensors import safe_open
 
 from diffrl.errors import UserInputError
 from diffrl.families import StableDiffusion3Family, family_of
-from diffrl.lora import LORA_WEIGHTS_NAME
 from diffrl.models import SD35_MEDIUM_ARCHITECTURE, build_random_sd3_pipeline, build_tiny_sd3_pipeline, load_pipeline
 from tests.conftest import PROMPTS, perturb_lora
+from tests.fixtures import check_lora_round_trip
 
 CLIP_TOKENS, T5_TOKENS = 77, 256   # the pipeline's text sequence: both CLIPs' tokens, then max_sequence_length T5's
 
@@ -128,34 +125,7 @@ def test_lora_loads_in_plain_diffusers_with_alpha_not_equal_rank_and_resumes_exa
     assert not any("attn2" in name for name in adapted)   # SD3.5's image-only attention stays frozen, as diffusers'
     cond, _ = family.encode_prompts(PROMPTS, "", 1.0, 32)
     latents, t = _noise((2, 16, 16, 16)), torch.tensor(750.0)
-    with torch.no_grad():
-        trained = family.denoise(sd3_pipe.transformer, latents, t, cond)
-    path = family.save_lora(tmp_path)
-    assert path == tmp_path / LORA_WEIGHTS_NAME
-
-    plain = build_tiny_sd3_pipeline()
-    with torch.no_grad():
-        base = family.denoise(plain.transformer, latents, t, cond)
-    plain.load_lora_weights(tmp_path)
-    with torch.no_grad():
-        loaded = family.denoise(plain.transformer, latents, t, cond)
-    # Both transformers run peft's LoRA layers on the same float32 weights, so today the outputs agree bit for bit.
-    # The bound leaves room for a loader that scales by alpha/rank at another point of the sum: reordered float32
-    # products differ by a few ulps (~1e-7 of the output's magnitude) per layer, and 1e-5 of the largest output,
-    # ~100 ulps, covers those through the layers yet is 1000x below the adapter's effect checked next.
-    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5 * trained.abs().max().item())
-    assert (trained - base).abs().max() > 1e-2 * trained.abs().max()   # the adapter really changes the output
-    with safe_open(str(path), "pt") as handle:
-        assert all(key.startswith("transformer.") for key in handle.keys())
-        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
-    assert metadata["transformer.lora_alpha"] == 8 and metadata["transformer.r"] == 4
-
-    fresh = family_of(build_tiny_sd3_pipeline())
-    fresh.add_lora(rank=4, alpha=8, target_modules=fresh.lora_target_modules)
-    fresh.load_lora(tmp_path)
-    saved = {n: p for n, p in sd3_pipe.transformer.named_parameters() if "lora_" in n}
-    resumed = {n: p for n, p in fresh.denoiser.named_parameters() if "lora_" in n}
-    assert saved.keys() == resumed.keys() and all(torch.equal(saved[n], resumed[n]) for n in saved)
+    check_lora_round_trip(family, build_tiny_sd3_pipeline, latents, t, cond, tmp_path)
 
 
 def test_saved_tiny_sd3_loads_from_its_folder(sd3_pipe, tmp_path):

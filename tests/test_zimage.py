@@ -6,19 +6,16 @@ pipeline with alpha ≠ rank."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-from safetensors import safe_open
 
 from diffrl.errors import UserInputError
 from diffrl.families import ZImageConditioning, ZImageFamily, family_of
-from diffrl.lora import LORA_WEIGHTS_NAME
 from diffrl.models import build_tiny_zimage_pipeline, load_pipeline
 from diffrl.sampler import SDSampler
 from tests.conftest import PROMPTS, perturb_lora
+from tests.fixtures import check_lora_round_trip
 
 TOKENS = 512      # ZImagePipeline's max_sequence_length: captions are padded to it here, cut back to their own length
 SCALE = 4.0       # ZImagePipeline's guidance_scale s (its CFG: pos + s·(pos − neg))
@@ -232,29 +229,4 @@ def test_lora_loads_in_plain_diffusers_with_alpha_not_equal_rank_and_resumes_exa
     assert all(name.split(".")[0] in ("layers", "noise_refiner", "context_refiner") for name in adapted)
     cond = family.encode_prompts(PROMPTS, "", 1.0, 32)[0]
     latents, t = _noise((2, 16, 16, 16)), torch.tensor(750.0)
-    with torch.no_grad():
-        trained = family.denoise(zimage_pipe.transformer, latents, t, cond)
-    path = family.save_lora(tmp_path)
-    assert path == tmp_path / LORA_WEIGHTS_NAME
-
-    plain = build_tiny_zimage_pipeline()
-    with torch.no_grad():
-        base = family.denoise(plain.transformer, latents, t, cond)
-    plain.load_lora_weights(tmp_path)
-    with torch.no_grad():
-        loaded = family.denoise(plain.transformer, latents, t, cond)
-    # Both transformers run peft's LoRA layers on the same float32 weights; the bound (as in tests/test_flux.py)
-    # leaves room for a loader that applies alpha/rank at another point of the sum, 1000x below the adapter's effect.
-    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5 * trained.abs().max().item())
-    assert (trained - base).abs().max() > 1e-2 * trained.abs().max()   # the adapter really changes the output
-    with safe_open(str(path), "pt") as handle:
-        assert all(key.startswith("transformer.") for key in handle.keys())
-        metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
-    assert metadata["transformer.lora_alpha"] == 8 and metadata["transformer.r"] == 4
-
-    fresh = family_of(build_tiny_zimage_pipeline())
-    fresh.add_lora(rank=4, alpha=8, target_modules=fresh.lora_target_modules)
-    fresh.load_lora(tmp_path)
-    saved = {n: p for n, p in zimage_pipe.transformer.named_parameters() if "lora_" in n}
-    resumed = {n: p for n, p in fresh.denoiser.named_parameters() if "lora_" in n}
-    assert saved.keys() == resumed.keys() and all(torch.equal(saved[n], resumed[n]) for n in saved)
+    check_lora_round_trip(family, build_tiny_zimage_pipeline, latents, t, cond, tmp_path)

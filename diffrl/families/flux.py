@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffrl.errors import UserInputError
+from diffrl.families.adapter import DiffusersAdapter
 from diffrl.families.autoencoder import decode_latents, encode_pixels
-from diffrl.lora import add_lora, load_lora_into, save_lora
 
 
 @dataclass
@@ -54,7 +53,7 @@ class FluxConditioning:
                      for name in ("prompt_embeds", "pooled_prompt_embeds", "guidance")))
 
 
-class FluxFamily:
+class FluxFamily(DiffusersAdapter):
     name = "flux"
     description = "FLUX.1 (double/single-stream transformer, CLIP-L pooled + T5, flow matching, guidance-distilled)"
     pipeline_classes = ("FluxPipeline",)
@@ -67,6 +66,7 @@ class FluxFamily:
     upcasts_fp16_vae = False   # FluxPipeline decodes in the VAE's own dtype
     guidance = "distilled"     # the scale is a transformer input (FLUX.1-dev) or nothing (schnell); never CFG
     default_scheduler = "flow_euler"
+    lora_component = "transformer"
     max_sequence_length = 512  # T5 tokens per prompt: FluxPipeline's default
 
     def __init__(self, pipe):
@@ -164,11 +164,4 @@ class FluxFamily:
     def decode(self, latents: Tensor) -> Tensor:
         return decode_latents(self.vae, self._unpack(latents))
 
-    def add_lora(self, rank: int, alpha: float | None, target_modules) -> list[torch.nn.Parameter]:
-        return add_lora(self.denoiser, rank, alpha, target_modules)
 
-    def save_lora(self, directory: str | Path) -> Path:
-        return save_lora(self.denoiser, directory, pipeline_class=type(self.pipe), component="transformer")
-
-    def load_lora(self, directory: str | Path) -> None:
-        load_lora_into(self.denoiser, directory, component="transformer")

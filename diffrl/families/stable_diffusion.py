@@ -3,19 +3,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.families.autoencoder import decode_latents, encode_pixels
-from diffrl.lora import add_lora, load_lora_into, save_lora
+from diffrl.families.adapter import DiffusersAdapter
 from diffrl.trajectory import TextConditioning
 
 
-class StableDiffusionFamily:
+class StableDiffusionFamily(DiffusersAdapter):
     name = "sd"
     description = "Stable Diffusion 1.x/2.x and their few-step students (UNet, one CLIP text encoder)"
     pipeline_classes = ("StableDiffusionPipeline",)
@@ -23,6 +20,7 @@ class StableDiffusionFamily:
     upcasts_fp16_vae = False   # StableDiffusionPipeline never upcasts
     guidance = "cfg"           # classifier-free: two batched halves
     default_scheduler = "ddim"
+    lora_component = "unet"
 
     def __init__(self, pipe):
         self.pipe, self.denoiser, self.vae = pipe, pipe.unet, pipe.vae
@@ -59,21 +57,6 @@ class StableDiffusionFamily:
 
     def denoise(self, denoiser, latents: Tensor, t: Tensor, conditioning: TextConditioning) -> Tensor:
         return denoiser(latents, t, encoder_hidden_states=conditioning.prompt_embeds, return_dict=False)[0]
-
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        return encode_pixels(self.vae, pixels)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_latents(self.vae, latents)
-
-    def add_lora(self, rank: int, alpha: float | None, target_modules) -> list[torch.nn.Parameter]:
-        return add_lora(self.denoiser, rank, alpha, target_modules)
-
-    def save_lora(self, directory: str | Path) -> Path:
-        return save_lora(self.denoiser, directory, pipeline_class=type(self.pipe), component="unet")
-
-    def load_lora(self, directory: str | Path) -> None:
-        load_lora_into(self.denoiser, directory, component="unet")
 
 
 def unet_latent_shape(pipe, batch_size: int, resolution: int) -> tuple[int, ...]:

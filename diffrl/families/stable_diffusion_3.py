@@ -6,19 +6,16 @@ The denoiser predicts the flow velocity ε − x0 at timestep 1000·σ (FlowMatc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.families.autoencoder import decode_latents, encode_pixels
-from diffrl.lora import add_lora, load_lora_into, save_lora
+from diffrl.families.adapter import DiffusersAdapter
 from diffrl.trajectory import TextConditioning
 
 
-class StableDiffusion3Family:
+class StableDiffusion3Family(DiffusersAdapter):
     name = "sd3"
     description = "Stable Diffusion 3/3.5 (MMDiT transformer, CLIP-L + CLIP-G + T5 text encoders, flow matching)"
     pipeline_classes = ("StableDiffusion3Pipeline",)
@@ -29,6 +26,7 @@ class StableDiffusion3Family:
     upcasts_fp16_vae = False   # StableDiffusion3Pipeline decodes in the VAE's own dtype
     guidance = "cfg"           # classifier-free: two batched halves
     default_scheduler = "flow_euler"
+    lora_component = "transformer"
     max_sequence_length = 256  # T5 tokens per prompt: StableDiffusion3Pipeline's default
 
     def __init__(self, pipe):
@@ -94,17 +92,4 @@ class StableDiffusion3Family:
         return denoiser(hidden_states=latents, timestep=timestep, encoder_hidden_states=conditioning.prompt_embeds,
                         pooled_projections=conditioning.pooled_prompt_embeds, return_dict=False)[0]
 
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        return encode_pixels(self.vae, pixels)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_latents(self.vae, latents)
-
-    def add_lora(self, rank: int, alpha: float | None, target_modules) -> list[torch.nn.Parameter]:
-        return add_lora(self.denoiser, rank, alpha, target_modules)
-
-    def save_lora(self, directory: str | Path) -> Path:
-        return save_lora(self.denoiser, directory, pipeline_class=type(self.pipe), component="transformer")
-
-    def load_lora(self, directory: str | Path) -> None:
-        load_lora_into(self.denoiser, directory, component="transformer")

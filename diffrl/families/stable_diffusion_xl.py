@@ -4,19 +4,16 @@ corner, target size). Also its few-step students (SDXL-Turbo, LCM-LoRA, DMD2).""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from diffrl.families.autoencoder import decode_latents, encode_pixels
+from diffrl.families.adapter import DiffusersAdapter
 from diffrl.families.stable_diffusion import unet_latent_shape
-from diffrl.lora import add_lora, load_lora_into, save_lora
 from diffrl.trajectory import TextConditioning
 
 
-class StableDiffusionXLFamily:
+class StableDiffusionXLFamily(DiffusersAdapter):
     name = "sdxl"
     description = "SDXL and its few-step students (UNet, two CLIP text encoders, pooled + time-id conditioning)"
     pipeline_classes = ("StableDiffusionXLPipeline",)
@@ -24,6 +21,7 @@ class StableDiffusionXLFamily:
     upcasts_fp16_vae = True    # SDXL's VAE overflows in fp16; its pipeline upcasts
     guidance = "cfg"           # classifier-free: two batched halves
     default_scheduler = "ddim"
+    lora_component = "unet"
 
     def __init__(self, pipe):
         self.pipe, self.denoiser, self.vae = pipe, pipe.unet, pipe.vae
@@ -69,17 +67,4 @@ class StableDiffusionXLFamily:
         return denoiser(latents, t, encoder_hidden_states=conditioning.prompt_embeds, added_cond_kwargs=added,
                         return_dict=False)[0]
 
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        return encode_pixels(self.vae, pixels)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_latents(self.vae, latents)
-
-    def add_lora(self, rank: int, alpha: float | None, target_modules) -> list[torch.nn.Parameter]:
-        return add_lora(self.denoiser, rank, alpha, target_modules)
-
-    def save_lora(self, directory: str | Path) -> Path:
-        return save_lora(self.denoiser, directory, pipeline_class=type(self.pipe), component="unet")
-
-    def load_lora(self, directory: str | Path) -> None:
-        load_lora_into(self.denoiser, directory, component="unet")

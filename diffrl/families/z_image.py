@@ -17,15 +17,13 @@ sampling) are off by default and not reproduced.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffrl.errors import UserInputError
-from diffrl.families.autoencoder import decode_latents, encode_pixels
-from diffrl.lora import add_lora, load_lora_into, save_lora
+from diffrl.families.adapter import DiffusersAdapter
 
 
 @dataclass
@@ -65,7 +63,7 @@ class ZImageConditioning:
         return cls(torch.cat([part.prompt_embeds for part in parts]), torch.cat([part.prompt_mask for part in parts]))
 
 
-class ZImageFamily:
+class ZImageFamily(DiffusersAdapter):
     name = "zimage"
     description = "Z-Image (single-stream transformer, Qwen3 text encoder, flow matching)"
     pipeline_classes = ("ZImagePipeline",)
@@ -76,6 +74,7 @@ class ZImageFamily:
     upcasts_fp16_vae = False   # ZImagePipeline decodes in the VAE's own dtype
     guidance = "cfg"           # two batched halves; sample.guidance_scale = the pipeline's guidance_scale + 1
     default_scheduler = "flow_euler"
+    lora_component = "transformer"
     max_sequence_length = 512  # Qwen3 tokens per prompt, chat template included: ZImagePipeline's default
     pipeline_resolution = 1024  # ZImagePipeline's default height and width
 
@@ -150,17 +149,4 @@ class ZImageFamily:
         outputs = denoiser(frames, timestep, conditioning.captions(), return_dict=False)[0]
         return -torch.stack([output.float() for output in outputs]).squeeze(2)
 
-    def encode_images(self, pixels: Tensor) -> Tensor:
-        return encode_pixels(self.vae, pixels)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return decode_latents(self.vae, latents)
-
-    def add_lora(self, rank: int, alpha: float | None, target_modules) -> list[torch.nn.Parameter]:
-        return add_lora(self.denoiser, rank, alpha, target_modules)
-
-    def save_lora(self, directory: str | Path) -> Path:
-        return save_lora(self.denoiser, directory, pipeline_class=type(self.pipe), component="transformer")
-
-    def load_lora(self, directory: str | Path) -> None:
-        load_lora_into(self.denoiser, directory, component="transformer")
