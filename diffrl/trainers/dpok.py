@@ -90,7 +90,7 @@ class DpokTrainer:
         self.value_net = self.value_optimizer = None
         if config.value_network:
             latent_size = math.prod(sampler.latent_shape(1))
-            text_size = pooled_text_embeddings(sampler.pipe, [""]).shape[1]
+            text_size = pooled_text_embeddings(sampler, [""]).shape[1]
             net = ValueNetwork(latent_size, text_size,
                                sampler.num_steps).to(sampler.device)
             self.value_net = optimization.accelerator.prepare_model(net)
@@ -102,7 +102,7 @@ class DpokTrainer:
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         traj, rewards, components = rollout(self.sampler, self.reward, prompts)               # step 1
-        self.buffer.add(traj, rewards, pooled_text_embeddings(self.sampler.pipe, prompts),
+        self.buffer.add(traj, rewards, pooled_text_embeddings(self.sampler, prompts),
                         self.sampler.stochastic_steps)
         metrics = reward_metrics(rewards, components)
         if self.value_net is not None:
@@ -283,8 +283,18 @@ class ValueNetwork(nn.Module):
 
 
 @torch.no_grad()
-def pooled_text_embeddings(pipe, prompts: list[str]) -> Tensor:
-    """The text encoder's pooled output per prompt, [B, D] float32: the value network's view of the prompt."""
+def pooled_text_embeddings(sampler: SDSampler, prompts: list[str]) -> Tensor:
+    """The value network's view of each prompt, [B, D] float32: the CLIP text encoder's pooled output, as the official
+    DPOK code uses it (SD 1.x/2.x, SDXL, FLUX; SD3's projected pooled text). A family whose text encoder has no pooled
+    output (Z-Image's Qwen3 decoder) gives the mean of its conditioning's text features over the prompt's own tokens
+    (diffrl's choice: a fixed-size summary of what the denoiser reads)."""
+    pipe = sampler.pipe
+    if not type(pipe.text_encoder).__name__.startswith("CLIPTextModel"):
+        conditioning = sampler.encode_prompts(list(prompts))[0]
+        embeds = conditioning.prompt_embeds.float()
+        mask = getattr(conditioning, "prompt_mask", None)
+        mask = torch.ones(embeds.shape[:2], device=embeds.device) if mask is None else mask.float()
+        return (embeds * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
     tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
     output = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))

@@ -27,7 +27,7 @@ def _fill_buffer(run):
     with torch.no_grad():
         traj = run.sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(0))
         rewards = run.reward(traj.images, PROMPTS)
-    run.trainer.buffer.add(traj, rewards, pooled_text_embeddings(run.pipe, PROMPTS), run.sampler.stochastic_steps)
+    run.trainer.buffer.add(traj, rewards, pooled_text_embeddings(run.sampler, PROMPTS), run.sampler.stochastic_steps)
     return traj, rewards
 
 

@@ -1,6 +1,7 @@
 """Trainers on the built-in tiny-flux (a guidance-distilled flow-matching transformer on packed latents) through the
-same configs as on SD 1.x and tiny-sd3: DRaFT-LV on the ODE, DDPO and online PSO on Flow-GRPO's SDE. The guidance scale
-is a transformer input that travels in the conditioning, so every recomputed step sees the scale it was sampled with."""
+same configs as on SD 1.x and tiny-sd3 (tests/trainers/test_flow_trainers.py), DRaFT with LV: re-noised copies of
+packed [B, tokens, C] latents. The guidance scale is a transformer input that travels in the conditioning, so every
+recomputed step sees the scale it was sampled with."""
 
 from __future__ import annotations
 
@@ -10,14 +11,10 @@ import pytest
 
 from diffrl.training import build_run, prompts_for_step
 from tests.fixtures import fast_config, lora_state
+from tests.trainers.test_flow_trainers import TRAINERS as FLOW_TRAINERS
 
 FLUX = "model=tiny-flux"
-SDE = "sample.scheduler=flow_sde"
-TRAINERS = {
-    "draft": ["draft.lv_samples=2"],   # DRaFT-LV: re-noised copies of packed [B, tokens, C] latents
-    "ddpo": [SDE],
-    "pso": [SDE, "sample.batch_size=2"],
-}
+TRAINERS = {**FLOW_TRAINERS, "draft": ["draft.lv_samples=2"]}
 
 
 @pytest.mark.parametrize("trainer", list(TRAINERS))

@@ -1,6 +1,6 @@
 """Trainers on the built-in tiny-zimage (a single-stream flow-matching transformer that reads captions of their own
-lengths) through the same configs as on SD 1.x, tiny-sd3 and tiny-flux: DRaFT-LV on the ODE and DDPO on Flow-GRPO's
-SDE, both with classifier-free guidance, so every recomputed step batches both halves' captions in one call."""
+lengths) through the same configs as on SD 1.x and tiny-sd3 (tests/trainers/test_flow_trainers.py), DRaFT with LV,
+all with classifier-free guidance, so every recomputed step batches both halves' captions in one call."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import pytest
 
 from diffrl.training import build_run, prompts_for_step
 from tests.fixtures import fast_config, lora_state
+from tests.trainers.test_flow_trainers import TRAINERS as FLOW_TRAINERS
 
 ZIMAGE = "model=tiny-zimage"
-TRAINERS = {
-    "draft": ["draft.lv_samples=2"],          # DRaFT-LV: re-noised copies of [B, C, h, w] latents
-    "ddpo": ["sample.scheduler=flow_sde"],
-}
+TRAINERS = {**FLOW_TRAINERS, "draft": ["draft.lv_samples=2"]}   # DRaFT-LV: re-noised copies of [B, C, h, w] latents
 
 
 @pytest.mark.parametrize("trainer", list(TRAINERS))
