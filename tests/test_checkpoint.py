@@ -124,7 +124,7 @@ def press_ctrl_c() -> None:
     signal.raise_signal(signal.SIGINT)
 
 
-INTERRUPTIBLE = [*SHORT, "train.steps=4", "log.checkpoint_every=4", "reward=tests.test_checkpoint:CtrlCReward"]
+INTERRUPTIBLE = [*SHORT, "log.checkpoint_every=3", "reward=tests.test_checkpoint:CtrlCReward"]
 TIMING = {"step_seconds", "samples_per_second"}
 
 
@@ -153,7 +153,7 @@ def test_ctrl_c_saves_the_step_in_progress_and_its_resume_command_continues_exac
     assert main(command[3:]) == 0
     assert "diffrl: resuming from step-000002" in capsys.readouterr().err
     assert _rows(interrupted) == _rows(straight)   # every metric of every step, as in the uninterrupted run
-    expected, got = _lora(straight, 4), _lora(interrupted, 4)
+    expected, got = _lora(straight, 3), _lora(interrupted, 3)
     assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
 
 
