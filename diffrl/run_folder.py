@@ -5,20 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffrl.checkpoint import STEP_PATTERN, checkpoint_name, list_checkpoints, read_checkpoint_info
+from diffrl.checkpoint import STEP_PATTERN, checkpoint_name, list_checkpoints
 from diffrl.errors import UserInputError
 from diffrl.tracking import drop_metrics_after, logged_step
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")   # what `diffrl train` writes first
 
 
-def check_run_folder(output_dir: Path, *, resume: bool, steps: int) -> None:
-    """A new run needs a folder without another run's progress; --resume needs a run to continue that has steps
-    left to train."""
+def check_run_folder(output_dir: Path, *, resume: bool) -> None:
+    """A new run needs a folder without another run's progress; --resume needs a run to continue."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserInputError(f"--output-dir {output_dir} is a file; give a folder for the run")
     if resume:
-        _check_resumable(output_dir, steps)
+        _check_resumable(output_dir)
         return
     checkpoints = list_checkpoints(output_dir)
     logged = len(_steps_in(output_dir / "metrics.jsonl"))
@@ -29,17 +28,22 @@ def check_run_folder(output_dir: Path, *, resume: bool, steps: int) -> None:
                              "choose another --output-dir")
 
 
-def _check_resumable(output_dir: Path, steps: int) -> None:
+def _check_resumable(output_dir: Path) -> None:
     if not output_dir.is_dir():
         raise UserInputError(f"nothing to resume in {output_dir}: the folder does not exist (drop --resume to start a "
                              "new run there)")
     if not any((output_dir / name).exists() for name in RUN_FILES):
         raise UserInputError(f"nothing to resume in {output_dir}: it holds no diffrl run (no config.yaml, "
                              "metrics.jsonl or checkpoints/); drop --resume to start a new run there")
-    checkpoints = list_checkpoints(output_dir)
-    if checkpoints and read_checkpoint_info(checkpoints[-1])["step"] >= steps:
-        raise UserInputError(f"nothing to resume in {output_dir}: its latest checkpoint, {checkpoints[-1].name}, "
-                             f"already reaches train.steps={steps}; pass a larger train.steps to train further")
+
+
+def check_steps_left(output_dir: Path, restored_step: int, steps: int) -> None:
+    """A resumed run whose checkpoint already reaches train.steps has nothing to train. (Checked once the newest
+    checkpoint that loads is known: a newer corrupt one is set aside and does not count.)"""
+    if restored_step >= steps:
+        raise UserInputError(f"nothing to resume in {output_dir}: its latest checkpoint, "
+                             f"{checkpoint_name(restored_step)}, already reaches train.steps={steps}; pass a larger "
+                             "train.steps to train further")
 
 
 def rewind_logs(output_dir: Path, step: int) -> str:

@@ -30,7 +30,7 @@ from diffrl.nonfinite import StepUndo, fp16_skipped_updates, non_finite, skip_st
 from diffrl.optimization import Optimization
 from diffrl.prompt_order import prompts_for_step
 from diffrl.report import write_report
-from diffrl.run_folder import check_run_folder, rewind_logs
+from diffrl.run_folder import check_run_folder, check_steps_left, rewind_logs
 from diffrl.sampler import SDSampler, scheduler_class
 from diffrl.tracking import append_metrics, log_grid_to_trackers, mean_over_processes, start_trackers
 from diffrl.trainers import REQUIRED_METRICS, section_name, trainer_entry
@@ -205,9 +205,10 @@ def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet
 
     Ctrl-C finishes the step in progress, saves it and raises TrainingInterrupted (diffrl.interruption)."""
     output_dir = Path(output_dir)
-    check_run_folder(output_dir, resume=resume, steps=config.train.steps)
+    check_run_folder(output_dir, resume=resume)
     run = build_run(config, output_dir)
     start = _resume(run, output_dir) if resume else 0
+    check_steps_left(output_dir, start, config.train.steps)
     main = run.accelerator.is_main_process
     try:
         if main:

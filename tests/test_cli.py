@@ -87,11 +87,6 @@ def _run_folder(kind: str, folder: Path) -> None:
         folder.write_text("not a folder\n")
     elif kind == "empty":
         folder.mkdir()
-    elif kind == "finished":   # the newest checkpoint is step 2 and the config asks for 2 steps
-        state = folder / "checkpoints" / "step-000002" / "training_state"
-        state.mkdir(parents=True)
-        (state.parent / "pytorch_lora_weights.safetensors").write_bytes(b"")
-        (state / "state.json").write_text('{"step": 2, "num_processes": 1}')
     elif kind == "metrics only":
         folder.mkdir()
         (folder / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5, "loss": -0.5}\n')
@@ -101,13 +96,11 @@ def _run_folder(kind: str, folder: Path) -> None:
     ("missing", True, "nothing to resume in {dir}: the folder does not exist (drop --resume to start a new run there)"),
     ("empty", True, "nothing to resume in {dir}: it holds no diffrl run (no config.yaml, metrics.jsonl or "
                     "checkpoints/); drop --resume to start a new run there"),
-    ("finished", True, "nothing to resume in {dir}: its latest checkpoint, step-000002, already reaches "
-                       "train.steps=2; pass a larger train.steps to train further"),
     ("file", True, "--output-dir {dir} is a file; give a folder for the run"),
     ("file", False, "--output-dir {dir} is a file; give a folder for the run"),
     ("metrics only", False, "{dir} already holds a run (metrics.jsonl with 1 logged step); pass --resume to continue "
                             "that run or choose another --output-dir"),
-], ids=["missing", "empty", "finished", "file", "file-new-run", "metrics-only-new-run"])
+], ids=["missing", "empty", "file", "file-new-run", "metrics-only-new-run"])
 def test_run_folders_that_cannot_take_the_run_exit_2_with_one_sentence(kind, resume, expected, tmp_path, capsys):
     folder = tmp_path / "run"
     _run_folder(kind, folder)

@@ -80,10 +80,13 @@ def test_resume_without_a_checkpoint_starts_over_with_one_row_per_step(tmp_path,
             "metrics rows logged without one") in capsys.readouterr().err
 
 
-def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+def test_existing_run_is_not_overwritten_without_resume_nor_resumed_past_its_end(tmp_path):
     train(fast_config(*SHORT, "train.steps=2"), tmp_path, quiet=True)
     with pytest.raises(UserInputError, match="--resume"):
         train(fast_config(*SHORT), tmp_path, quiet=True)
+    with pytest.raises(UserInputError, match=f"^nothing to resume in {tmp_path}: its latest checkpoint, step-000002, "
+                                             "already reaches train.steps=2; pass a larger train.steps"):
+        train(fast_config(*SHORT, "train.steps=2"), tmp_path, quiet=True, resume=True)
 
 
 def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
