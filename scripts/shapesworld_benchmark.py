@@ -28,9 +28,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import diffrl  # noqa: E402,F401  first: installs the torchvision fix before diffusers can import torchvision
 import torch  # noqa: E402
 
-import diffrl  # noqa: E402,F401  first: installs the torchvision fix before diffusers can import torchvision
 from diffrl.checkpoint import list_checkpoints  # noqa: E402
 from diffrl.config import load_config  # noqa: E402
 from diffrl.evaluation import Target, evaluate, sampled_batches  # noqa: E402
