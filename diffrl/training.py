@@ -313,6 +313,7 @@ def _steps(run: Run, output_dir: Path, bar: tqdm, stop: StopRequests, last_check
         if stop.requested and done < steps:   # Ctrl-C during this step: it is complete now, save it and stop
             if not checkpoint_due:
                 last_checkpoint = _save(run, output_dir, done)
+            bar.update()   # the bar counts a step when the next one starts, which none will
             raise TrainingInterrupted(output_dir, last_checkpoint, saved=True, step_in_progress=done)
     return RunResult(output_dir, steps, first, last, last_checkpoint)
 
