@@ -1,4 +1,4 @@
-"""Lets the PyPI torchvision wheel import on a CPU-only torch (DESIGN.md §9).
+"""Lets the PyPI torchvision wheel import on a CPU-only torch (docs/install.md).
 
 torchvision 0.28.0 from PyPI is built for CUDA: on a CPU torch its compiled ops (`torchvision/_C.so`) fail to load,
 and `import torchvision` then stops at `torch.library.register_fake("torchvision::nms")` with "operator

@@ -1,6 +1,6 @@
 """Atomic checkpoints: LoRA weights in the diffusers format plus everything needed to resume exactly.
 
-Layout (DESIGN.md §3.2):
+Layout (docs/contracts.md):
     checkpoints/step-000100/pytorch_lora_weights.safetensors
     checkpoints/step-000100/training_state/{optimizer,lr_scheduler,trainer,rng}.pt, state.json
     checkpoints/step-000100/training_state/loss_scaler.pt                 (fp16 runs: GradScaler's scale)

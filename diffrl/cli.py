@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides += extra
-    _quiet_libraries()
+    _quiet_libraries(getattr(args, "verbose", False))
     from diffrl.errors import NonFiniteError, UserInputError
 
     try:
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"diffrl: stopped: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        if os.environ.get("RANK", "0") == "0":   # under `accelerate launch`, one line, not one per process
+            print(f"diffrl: {_interrupted(args, interrupt)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into e.g. `head`: the reader left, which is not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -48,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="run folder (default: runs/<config name>-<date>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_verbose(train)
     train.set_defaults(run=_train)
     _add_evaluate_parser(commands)
     _add_grid_parser(commands)
@@ -65,6 +72,7 @@ def _train(args) -> int:
         raise UserInputError("--resume needs --output-dir naming the run folder to continue")
     from diffrl.training import train
 
+    _library_bars(args)
     output_dir = Path(args.output_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(config, output_dir, resume=args.resume, quiet=args.quiet)
     from accelerate import PartialState
@@ -83,6 +91,23 @@ def _train(args) -> int:
         print(f"LoRA:       {result.last_checkpoint / 'pytorch_lora_weights.safetensors'}  "
               "(load with pipe.load_lora_weights(folder))")
     return 0
+
+
+def _interrupted(args, interrupt: KeyboardInterrupt) -> str:
+    """One line: what was saved, and for training the command that continues the run."""
+    from diffrl.interruption import TrainingInterrupted
+
+    if not isinstance(interrupt, TrainingInterrupted):
+        return "interrupted"
+    return f"{interrupt.summary}; continue with: {resume_command(args, interrupt.output_dir)}"
+
+
+def resume_command(args, output_dir: Path) -> str:
+    """The command line that resumes this run: the same config, overrides and flags, plus --resume."""
+    program = "diffrl" if Path(sys.argv[0]).name == "diffrl" else "python3 -m diffrl"
+    words = ["train", args.config, *args.overrides, "--output-dir", str(output_dir), "--resume"]
+    words += [flag for flag, on in (("--quiet", args.quiet), ("--verbose", args.verbose)) if on]
+    return f"{program} {shlex.join(words)}"
 
 
 def _first_and_last_windows(metrics_file: Path) -> str | None:
@@ -140,6 +165,12 @@ def _add_sampling_options(parser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                         help="model weight dtype (default fp32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_verbose(parser)
+
+
+def _add_verbose(parser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="also show the loading bars and messages of "
+                        "diffusers, transformers and huggingface_hub")
 
 
 def _positive_int(text: str) -> int:
@@ -196,6 +227,7 @@ def _sampling_setup(args):
     from diffrl.evaluation import default_rewards, first_config, load_rewards, resolve_targets, sample_settings
     from diffrl.training import load_prompts
 
+    _library_bars(args)
     targets = resolve_targets(args.targets)
     config = first_config(targets)
     prompt_file = args.prompts or (config.prompts if config else "assets/prompts/simple.txt")
@@ -241,10 +273,31 @@ def _first_line(obj) -> str:
     return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (optional torchvision, safety-checker notes) is not for our users' terminals."""
+def _quiet_libraries(verbose: bool) -> None:
+    """Library chatter (optional torchvision, safety-checker notes) is not for our users' terminals unless they pass
+    --verbose. Set before the libraries are imported, which read these variables then."""
+    if verbose:
+        return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _library_bars(args) -> None:
+    """The libraries' loading bars ("Loading pipeline components", transformers' nested "Loading weights" whose
+    cursor-up escapes litter logs, huggingface_hub's "Fetching N files" and downloads) only with --verbose; diffrl's
+    own progress bar stays. Called once diffusers is imported anyway, since importing it takes seconds."""
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    if args.verbose:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 if __name__ == "__main__":

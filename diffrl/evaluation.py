@@ -4,7 +4,7 @@ Every row (a base model, then each of its LoRA checkpoints) samples the same pro
 each prompt draws its initial latents and every step's noise from its own generator seeded with seeds[j], so the
 numbers depend neither on the batch size nor on the row order, and differences between rows come from the weights.
 A pipeline is loaded once per model; checkpoints are swapped in and out of its UNet. Rewards are loaded once.
-Outputs (DESIGN.md §3.3): eval.json, eval.csv, tradeoff.png, grid.png.
+Outputs (docs/contracts.md): eval.json, eval.csv, tradeoff.png, grid.png.
 """
 
 from __future__ import annotations

@@ -545,9 +545,18 @@ def _from_pretrained(name_or_path: str, dtype: torch.dtype
                              f"{', '.join(others)} and {last} models")
     try:
         return getattr(diffusers, class_name).from_pretrained(
-            name_or_path, torch_dtype=dtype, use_safetensors=True, **PIPELINE_OPTIONS[class_name])
+            name_or_path, **dtype_argument(dtype), use_safetensors=True, **PIPELINE_OPTIONS[class_name])
     except (OSError, ValueError, EnvironmentError) as error:
         raise UserInputError(_load_failure_sentence(name_or_path, error)) from error
+
+
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The weight dtype as diffusers' loaders take it: diffusers 0.40 renamed their ``torch_dtype`` to ``dtype`` and
+    warns about the old name on every load; the older releases that pyproject.toml allows know only ``torch_dtype``."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.40.0.dev0") else "torch_dtype": dtype}
 
 
 def _pipeline_class_name(name_or_path: str) -> str:
@@ -619,7 +628,7 @@ def _from_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
         raise UserInputError(f"model file {str(path)!r} is not a readable safetensors file ({_first_line(error)})"
                              ) from error
     try:
-        return getattr(diffusers, class_name).from_single_file(str(path), torch_dtype=dtype)
+        return getattr(diffusers, class_name).from_single_file(str(path), **dtype_argument(dtype))
     except (OSError, ValueError) as error:
         raise UserInputError(_load_failure_sentence(str(path), error)) from error
 
@@ -692,7 +701,8 @@ def load_vae(name_or_path: str, *, dtype: torch.dtype, device: str | torch.devic
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(os.path.expanduser(name_or_path), torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(os.path.expanduser(name_or_path), **dtype_argument(dtype),
+                                            use_safetensors=True)
     except (OSError, ValueError) as error:
         raise UserInputError(_load_failure_sentence(name_or_path, error).replace("diffusers pipeline",
                                                                                   "diffusers VAE")) from error

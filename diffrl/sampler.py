@@ -112,6 +112,7 @@ class SDSampler:
         self.resolution = resolution or self.family.default_resolution()
         self.family.latent_shape(1, self.resolution)   # refuses a resolution the latent grid cannot hold
         self._set_schedule()
+        self.images_sampled = 0   # by sample(), all calls together: the training loop's samples_per_second
 
     @classmethod
     def from_config(cls, pipe: DiffusionPipeline, sample, *, gradient_checkpointing: bool) -> SDSampler:
@@ -332,6 +333,7 @@ class SDSampler:
         """Sample a batch; the graph runs through the last ``grad_last_k`` denoiser calls and the decode only."""
         if not 0 <= grad_last_k <= self.num_steps:
             raise ValueError(f"grad_last_k must be in [0, {self.num_steps}], got {grad_last_k}")
+        self.images_sampled += len(prompts)
         conditioning, negative = self.encode_prompts(prompts)
         latents = (self.initial_latents(len(prompts), generator) if initial_latents is None
                    else initial_latents.to(self.device, self.dtype))

@@ -66,10 +66,19 @@ def append_metrics(path: Path, metrics: dict) -> None:
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
-    """A run that died after its last checkpoint logged steps that the resumed run repeats; keep one row per step."""
+    """A run that died after its last checkpoint logged steps that the resumed run repeats; keep one row per step
+    (and drop a last line cut short)."""
     if not path.is_file():
         return
     rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    kept = [line for line in rows if (logged := logged_step(line)) is not None and logged <= step]
     if len(kept) != len(rows):
         write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short by a kill mid-write."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +23,16 @@ from diffrl.config import Config, config_to_dict, save_config
 from diffrl.errors import UserInputError, unknown_name
 from diffrl.families import family_of
 from diffrl.grids import image_grid, save_image_atomic
+from diffrl.interruption import StopRequests, TrainingInterrupted
 from diffrl.lora import NoLoraTargetError
 from diffrl.models import load_model
 from diffrl.nonfinite import StepUndo, fp16_skipped_updates, non_finite, skip_step
 from diffrl.optimization import Optimization
 from diffrl.prompt_order import prompts_for_step
 from diffrl.report import write_report
+from diffrl.run_folder import check_run_folder, check_steps_left, rewind_logs
 from diffrl.sampler import SDSampler, scheduler_class
-from diffrl.tracking import (append_metrics, drop_metrics_after, log_grid_to_trackers, mean_over_processes,
-                             start_trackers)
+from diffrl.tracking import append_metrics, log_grid_to_trackers, mean_over_processes, start_trackers
 from diffrl.trainers import REQUIRED_METRICS, section_name, trainer_entry
 from rewards import load_reward
 
@@ -199,24 +201,24 @@ def _fresh_accelerator(**settings) -> Accelerator:
 
 
 def train(config: Config, output_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> RunResult:
-    """Fine-tune per ``config``; writes the run folder of DESIGN.md §3.2 into ``output_dir``."""
+    """Fine-tune per ``config``; writes the run folder of docs/contracts.md into ``output_dir``.
+
+    Ctrl-C finishes the step in progress, saves it and raises TrainingInterrupted (diffrl.interruption)."""
     output_dir = Path(output_dir)
-    existing = list_checkpoints(output_dir)
-    if existing and not resume:
-        raise UserInputError(f"{output_dir} already holds checkpoints ({existing[-1].name}); pass --resume to "
-                             "continue that run or choose another --output-dir")
+    check_run_folder(output_dir, resume=resume)
     run = build_run(config, output_dir)
     start = _resume(run, output_dir) if resume else 0
+    check_steps_left(output_dir, start, config.train.steps)
     main = run.accelerator.is_main_process
     try:
         if main:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, output_dir / "config.yaml")
             start_trackers(run.accelerator, config.log.tracker, config_to_dict(config), output_dir)
+            if resume:   # rows and grids logged after the checkpoint (all of them without one) come again
+                print(f"diffrl: {rewind_logs(output_dir, start)}", file=sys.stderr)
             if start == 0:
                 write_grid(run, output_dir, 0)
-            else:
-                drop_metrics_after(output_dir / "metrics.jsonl", start)
             write_report(output_dir)
         result = _loop(run, output_dir, start, quiet or not main)
         if main:
@@ -259,22 +261,35 @@ def _check_same_checkpoint(accelerator: Accelerator, step: int) -> None:
 
 
 def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
+    last_checkpoint = (list_checkpoints(output_dir) or [None])[-1]
+    steps = run.config.train.steps
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=quiet, desc="train", dynamic_ncols=True)
+    with StopRequests(enabled=run.accelerator.num_processes == 1) as stop, bar:
+        try:
+            return _steps(run, output_dir, bar, stop, last_checkpoint)
+        except KeyboardInterrupt as interrupt:   # a second Ctrl-C, or one that was not deferred: the step is lost
+            if isinstance(interrupt, TrainingInterrupted):
+                raise
+            raise _stopped_mid_step(run, output_dir, stop.step) from None
+
+
+def _steps(run: Run, output_dir: Path, bar: tqdm, stop: StopRequests, last_checkpoint: Path | None) -> RunResult:
     config, accelerator = run.config, run.accelerator
     steps, log = config.train.steps, config.log
     first = last = None
-    last_checkpoint = (list_checkpoints(output_dir) or [None])[-1]
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=quiet, desc="train", dynamic_ncols=True)
     for step in bar:
+        stop.step = done = step + 1
         prompts = prompts_for_step(run.prompts, step, config.sample.batch_size, config.train.seed,
                                    accelerator.process_index, accelerator.num_processes)
         undo = StepUndo(run.state, accelerator) if config.train.max_nonfinite_skips else None
+        images_before, started = run.sampler.images_sampled, time.perf_counter()
         with accelerator.autocast():
             metrics = run.trainer.step(prompts)
         if missing := [name for name in REQUIRED_METRICS if name not in metrics]:
             raise TypeError(f"trainer {config.trainer!r} returned metrics without {', '.join(missing)} (the Trainer "
                             f"protocol: every step returns {', '.join(REQUIRED_METRICS)}); it returned {list(metrics)}")
-        metrics = mean_over_processes(accelerator, metrics)
-        done = step + 1
+        metrics = mean_over_processes(accelerator, {**metrics, **step_speed(
+            time.perf_counter() - started, run.sampler.images_sampled - images_before, accelerator.num_processes)})
         if accelerator.scaler is not None:
             metrics["fp16_skipped_updates"] = float(fp16_skipped_updates(run.optimization, done, last_checkpoint))
         if bad := non_finite(metrics):
@@ -295,7 +310,28 @@ def _loop(run: Run, output_dir: Path, start: int, quiet: bool) -> RunResult:
             last_checkpoint = _save(run, output_dir, done)
         if accelerator.is_main_process and (grid_due or checkpoint_due) and done < steps:
             write_report(output_dir)  # train() writes the last one, after the loop
+        if stop.requested and done < steps:   # Ctrl-C during this step: it is complete now, save it and stop
+            if not checkpoint_due:
+                last_checkpoint = _save(run, output_dir, done)
+            bar.update()   # the bar counts a step when the next one starts, which none will
+            raise TrainingInterrupted(output_dir, last_checkpoint, saved=True, step_in_progress=done)
     return RunResult(output_dir, steps, first, last, last_checkpoint)
+
+
+def step_speed(seconds: float, images: int, num_processes: int) -> dict[str, float]:
+    """Wall-clock seconds of the trainer's step, and the images the sampler generated in it per second; each process
+    reports its own images times the process count, so the mean over processes is the run's total rate."""
+    return {"step_seconds": seconds, "samples_per_second": images * num_processes / seconds if seconds > 0 else 0.0}
+
+
+def _stopped_mid_step(run: Run, output_dir: Path, step: int) -> TrainingInterrupted:
+    """The run stopped inside a step: nothing of that step is saved. A checkpoint save it cut short is cleaned up as
+    at resume (its temporary folder removed, a checkpoint moved aside put back), so the newest complete checkpoint is
+    the one named."""
+    if run.accelerator.is_main_process:
+        recover_interrupted_saves(output_dir)
+    latest = (list_checkpoints(output_dir) or [None])[-1]
+    return TrainingInterrupted(output_dir, latest, saved=False, step_in_progress=step)
 
 
 def _save(run: Run, output_dir: Path, step: int) -> Path:

@@ -85,7 +85,7 @@ class Trajectory:
 
     @property
     def prompt_embeds(self) -> Tensor:
-        """[B, L, D] conditional text embeddings used for sampling (the name DESIGN §3.4 gives users)."""
+        """[B, L, D] conditional text embeddings used for sampling (the name docs/contracts.md gives users)."""
         return self.conditioning.prompt_embeds
 
     @property

@@ -65,7 +65,7 @@ def train_with_budget(trainer: str, reward_queries: int, output: Path) -> dict:
     done = list_checkpoints(run_dir)
     if not (done and done[-1].name == f"step-{steps:06d}" and timing_file.is_file()):
         started = time.monotonic()
-        train(config, run_dir, resume=bool(done), quiet=False)
+        train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), quiet=False)   # a started run goes on
         timing_file.write_text(json.dumps({"seconds": time.monotonic() - started, "steps": steps}))
     timing = json.loads(timing_file.read_text())
     return {"trainer": trainer, "steps": steps, "images_scored": steps * images_per_step(config),

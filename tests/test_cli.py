@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,47 @@ def test_bad_input_exits_2_with_one_sentence(args, expected, bad_files, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert expected in err and err.startswith("diffrl: error:") and len(err.splitlines()) == 1
+
+
+def test_loading_shows_no_library_bars_or_torch_dtype_warning_unless_verbose(tmp_path, capsys):
+    grid = ["grid", "shapes", "--num-steps", "1", "--seeds", "0", "--rewards", "brightness", "--quiet",
+            "--output", str(tmp_path / "grid.png")]   # shapes loads with from_pretrained, as hub models do
+    assert main([*grid, "--verbose"]) == 0
+    assert "Loading pipeline components" in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(grid) == 0
+    assert not [warning for warning in caught if "torch_dtype" in str(warning.message)]
+    err = capsys.readouterr().err
+    assert "Loading" not in err and "\x1b[A" not in err and "it/s" not in err
+
+
+def _run_folder(kind: str, folder: Path) -> None:
+    """Run folders that --resume (or a new run) must refuse before loading any model."""
+    if kind == "file":
+        folder.write_text("not a folder\n")
+    elif kind == "empty":
+        folder.mkdir()
+    elif kind == "metrics only":
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5, "loss": -0.5}\n')
+
+
+@pytest.mark.parametrize("kind, resume, expected", [
+    ("missing", True, "nothing to resume in {dir}: the folder does not exist (drop --resume to start a new run there)"),
+    ("empty", True, "nothing to resume in {dir}: it holds no diffrl run (no config.yaml, metrics.jsonl or "
+                    "checkpoints/); drop --resume to start a new run there"),
+    ("file", True, "--output-dir {dir} is a file; give a folder for the run"),
+    ("file", False, "--output-dir {dir} is a file; give a folder for the run"),
+    ("metrics only", False, "{dir} already holds a run (metrics.jsonl with 1 logged step); pass --resume to continue "
+                            "that run or choose another --output-dir"),
+], ids=["missing", "empty", "file", "file-new-run", "metrics-only-new-run"])
+def test_run_folders_that_cannot_take_the_run_exit_2_with_one_sentence(kind, resume, expected, tmp_path, capsys):
+    folder = tmp_path / "run"
+    _run_folder(kind, folder)
+    code = main(["train", DEMO, "train.steps=2", "--quiet", "--output-dir", str(folder), *(["--resume"] * resume)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"diffrl: error: {expected.format(dir=folder)}"
 
 
 def test_summary_compares_the_first_and_last_tenth_of_the_steps(tmp_path):

@@ -179,11 +179,10 @@ def test_two_process_run_resumes_exactly_with_each_process_drawing_its_own_noise
     final = Path("checkpoints/step-000002")
     a, b = (load_file(run / final / "pytorch_lora_weights.safetensors") for run in (straight, resumed))
     difference = max((a[k] - b[k]).abs().max().item() for k in a)
-    with capsys.disabled():
-        print(f"2 processes, 1 step + resume vs 2 steps straight: max abs difference of LoRA weights {difference:.2g}")
     # the same processes, shapes and thread counts replay the same arithmetic: exact (measured 0), as one process's
     # resume is; a lost RNG, buffer or optimiser state changes the weights by O(1e-2)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (
+        f"2 processes, 1 step + resume vs 2 steps straight: max abs difference of LoRA weights {difference:.2g}")
     states = {run: [torch.load(run / final / "training_state" / folder / "trainer.pt", weights_only=True)
                     for folder in (".", "process-1")] for run in (straight, resumed)}
     for got, expected in zip(states[resumed], states[straight]):   # each process's own replay buffer, restored

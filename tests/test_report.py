@@ -134,7 +134,8 @@ def chromium(*arguments: str, profile: Path) -> str:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary on PATH (.ci/run installs Debian's chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium, chromium-browser or google-chrome on PATH; install one to "
+                    "run this browser check of report.html (Debian/Ubuntu: sudo apt-get install chromium)")
 def test_report_of_a_tiny_run_renders_in_headless_chromium(tiny_run, tmp_path):
     report = tiny_run / "report.html"
     page = Page(report.read_text(encoding="utf-8"))

@@ -38,7 +38,9 @@ def test_run_folder_layout(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
-    assert {"reward_mean", "loss", "lr"} <= rows[0].keys()
+    assert {"reward_mean", "loss", "lr", "step_seconds", "samples_per_second"} <= rows[0].keys()
+    for row in rows:   # DRaFT samples each step's batch of 2 once
+        assert row["step_seconds"] > 0 and row["samples_per_second"] * row["step_seconds"] == pytest.approx(2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
     assert result.last_checkpoint == tmp_path / "checkpoints" / "step-000003"
     for name in ("step-000000", "step-000002", "step-000003"):
@@ -65,10 +67,26 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert [row["step"] for row in metrics] == [1, 2, 3, 4]
 
 
-def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+def test_resume_without_a_checkpoint_starts_over_with_one_row_per_step(tmp_path, capsys):
+    logged = [{"step": step, "reward_mean": 0.0, "loss": 0.0} for step in (1, 2, 3)]   # then killed: no checkpoint
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logged))
+    (tmp_path / "grids").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "grids" / "step-000003.png")
+    train(fast_config(*SHORT, "train.steps=2"), tmp_path, quiet=True, resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(row["reward_mean"] > 0 for row in rows)
+    assert sorted(path.name for path in (tmp_path / "grids").iterdir()) == ["step-000000.png", "step-000002.png"]
+    assert (f"diffrl: no checkpoint in {tmp_path / 'checkpoints'}: starting the run over from step 0; dropped the 3 "
+            "metrics rows logged without one") in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten_without_resume_nor_resumed_past_its_end(tmp_path):
     train(fast_config(*SHORT, "train.steps=2"), tmp_path, quiet=True)
     with pytest.raises(UserInputError, match="--resume"):
         train(fast_config(*SHORT), tmp_path, quiet=True)
+    with pytest.raises(UserInputError, match=f"^nothing to resume in {tmp_path}: its latest checkpoint, step-000002, "
+                                             "already reaches train.steps=2; pass a larger train.steps"):
+        train(fast_config(*SHORT, "train.steps=2"), tmp_path, quiet=True, resume=True)
 
 
 def test_non_finite_reward_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""A user trainer reached from a config as "package.module:Class" (DESIGN §3.4): the class below, defined outside
+"""A user trainer reached from a config as "package.module:Class" (docs/contracts.md): the class below, defined outside
 diffrl, trains through the one loop with its own config section, checkpoints and resume included."""
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class StableDiffusionFamily(DiffusersAdapter):
         return TextConditioning(embeds), TextConditioning(negative_embeds) if do_cfg else None
 
     def as_conditioning(self, value: TextConditioning | Tensor) -> TextConditioning:
-        """A TextConditioning, or the bare [B, L, D] text embeddings DESIGN §3.4 lets users pass."""
+        """A TextConditioning, or the bare [B, L, D] text embeddings users may pass (docs/contracts.md)."""
         return value if isinstance(value, TextConditioning) else TextConditioning(value)
 
     def denoise(self, denoiser, latents: Tensor, t: Tensor, conditioning: TextConditioning) -> Tensor:

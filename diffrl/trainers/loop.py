@@ -9,7 +9,7 @@ network.
     2. Score the B·k images; the reward needs no gradient.
     3. A_i = R_i − (1/(k−1)) Σ_{j≠i} R_j within each prompt's group of k (optionally divided by the group's std).
     4. Inner epochs of the PPO clipped surrogate over shuffled (trajectory, timestep) pairs (diffrl.trainers.ppo).
-Choices the paper leaves open (its method section was not reachable; DESIGN.md §5): the std division is an option
+Choices the paper leaves open (its method section was not reachable): the std division is an option
 (`normalize_std`, off); ε, lr and the sampler follow DDPO; advantages are not clipped (`adv_clip_max: null`), since
 leave-one-out advantages are in reward units rather than standard deviations. A group's k samples are generated on
 one process, so groups never straddle processes and no gather is needed before the advantages.
