@@ -49,10 +49,12 @@ class StopRequests:
     """A SIGINT handler for the duration of the loop: the first Ctrl-C sets ``requested`` and says what will happen,
     the second raises KeyboardInterrupt wherever the program is. ``step`` is the step in progress, for the message.
     Signal handlers can only be set from the main thread; elsewhere (and when not enabled) Ctrl-C keeps Python's
-    default, an immediate KeyboardInterrupt."""
+    default, an immediate KeyboardInterrupt. A process that ignores SIGINT (started in the background by a shell,
+    or under nohup) keeps ignoring it."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
         self.requested, self.step = False, 0
         self._previous = None
 

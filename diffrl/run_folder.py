@@ -57,10 +57,14 @@ def rewind_logs(output_dir: Path, step: int) -> str:
             grid.unlink()
     if step > 0:
         dropped = sum(1 for logged_step in logged if logged_step > step)
-        after = f"; dropped {dropped} metrics rows logged after it" if dropped else ""
+        after = f"; dropped {_rows(dropped)} logged after it" if dropped else ""
         return f"resuming from {checkpoint_name(step)} ({output_dir / 'checkpoints' / checkpoint_name(step)}){after}"
-    dropped = f"; dropped the {len(logged)} metrics rows logged without one" if logged else ""
+    dropped = f"; dropped the {_rows(len(logged))} logged without one" if logged else ""
     return f"no checkpoint in {output_dir / 'checkpoints'}: starting the run over from step 0{dropped}"
+
+
+def _rows(count: int) -> str:
+    return f"{count} metrics row{'s' * (count != 1)}"
 
 
 def _steps_in(metrics: Path) -> list[int]:
