@@ -51,8 +51,8 @@ Diffusion (UNet) families. The objective carries over in its x0-parameterisation
 depend on x_t and t only, so x̂0 of the combined outputs β o_θ + (1 − β) o_old and (1 + β) o_old − β o_θ (weights
 summing to 1) is the same combination of x̂0_θ and x̂0_old. Here x̂0^± are formed that way on every family (on flow
 models equal to the official x_t − σ v^±), with x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε at the DDIM grid's timesteps and the KL on
-ε̂. What differs is ∂x̂0/∂output: −σ on flow models, −√(1−ᾱ_t)/√ᾱ_t for ε-prediction, so the adaptive weight leaves
-high-noise timesteps more gradient on UNets (12.7× at SD's t = 981); unverified beyond the tests here.
+ε̂. What differs is ∂x̂0/∂output: −σ ≥ −1 on flow models, −√(1−ᾱ_t)/√ᾱ_t for ε-prediction (−13 at SD's t = 981), so
+after the adaptive weight high-noise timesteps get more gradient on UNets; unverified beyond the tests here.
 
 Step-distilled students are refused: the method trains the flow-matching (denoising) objective at every noise level,
 which a few-step student no longer solves, and the method is not valid for them (its authors; where the paper says so
