@@ -290,6 +290,12 @@ class SDSampler:
         """What the model family is trained to predict from add_training_noise(x0, noise, t): ε, or ε − x0 (flow)."""
         return self.kernel.process.training_target(x0, noise)
 
+    def training_x0(self, prediction: Tensor, latents: Tensor, t: Tensor | int) -> Tensor:
+        """The clean latent a ``predict_training_target`` output implies at timestep value(s) t: x_t − σ v̂ (flow),
+        (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (diffusion). Affine in the prediction, with coefficients that depend on t only."""
+        t = torch.as_tensor(t, device=latents.device)
+        return self.kernel.process.x0_from_training_prediction(prediction, latents, t)
+
     def _output_at(self, latents, t, conditioning, negative_conditioning, guidance_scale, reference) -> Tensor:
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         conditioning, negative = self.as_conditioning(conditioning), self.as_conditioning(negative_conditioning)

@@ -41,7 +41,7 @@ def test_defaults():
     assert config.log.grid_seeds == [0, 1, 2, 3] and config.log.keep_last is None
     assert config.draft == DraftConfig()
     assert trainer_sections() == {name: config_class for name, (config_class, _) in TRAINERS.items()}
-    assert set(trainer_sections()) == {"draft", "ddpo", "loop", "dpok", "adjoint_matching", "spin", "pso"}
+    assert set(trainer_sections()) == {"draft", "ddpo", "loop", "dpok", "adjoint_matching", "spin", "pso", "nft"}
 
 
 def test_default_lists_are_not_shared():
@@ -110,7 +110,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("text, key, valid", [
-    ("modle: tiny", "'modle'", "model, prompts, pso, reward"),
+    ("modle: tiny", "'modle'", "model, nft, prompts, pso, reward"),
     ("sample: {num_step: 3}", "'sample.num_step'", "sample.num_steps"),
     ("draft: {kk: 3}", "'draft.kk'", "draft.k, draft.kl_coeff"),
 ])

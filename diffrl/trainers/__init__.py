@@ -15,6 +15,7 @@ from diffrl.trainers.ddpo import DdpoConfig, DdpoTrainer
 from diffrl.trainers.dpok import DpokConfig, DpokTrainer
 from diffrl.trainers.draft import DraftConfig, DraftTrainer
 from diffrl.trainers.loop import LoopConfig, LoopTrainer
+from diffrl.trainers.nft import NftConfig, NftTrainer
 from diffrl.trainers.pso import PsoConfig, PsoTrainer
 from diffrl.trainers.spin import SpinConfig, SpinTrainer
 
@@ -52,6 +53,7 @@ TRAINERS: dict[str, tuple[type, type[Trainer]]] = {
     "adjoint_matching": (AdjointMatchingConfig, AdjointMatchingTrainer),
     "spin": (SpinConfig, SpinTrainer),
     "pso": (PsoConfig, PsoTrainer),
+    "nft": (NftConfig, NftTrainer),
 }
 
 

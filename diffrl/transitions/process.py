@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from diffrl.flow import flow_eps, flow_noised
-from diffrl.gaussian import forward_noised, x0_eps_from_model_output
+from diffrl.flow import flow_eps, flow_noised, flow_x0
+from diffrl.gaussian import forward_noised, x0_eps_from_model_output, x0_from_eps
 from diffrl.transitions.kernel import per_step
 
 
@@ -32,6 +32,10 @@ class VariancePreserving:
         return noise
 
     training_prediction = noise_prediction
+
+    def x0_from_training_prediction(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t from training_prediction's ε̂ (DiffusionNFT's x0-parameterisation)."""
+        return x0_from_eps(x_t, prediction, per_step(self.alphas_cumprod.to(x_t.device), t, x_t))
 
 
 class RectifiedFlow:
@@ -58,3 +62,7 @@ class RectifiedFlow:
 
     def training_prediction(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return output
+
+    def x0_from_training_prediction(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 = x_σ − σ v̂ (DiffusionNFT's x0-parameterisation)."""
+        return flow_x0(x_t, prediction, self._sigma(t, x_t))
