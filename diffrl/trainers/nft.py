@@ -28,7 +28,8 @@ Per step:
        step (lines 801, 983).
     4. θ_old ← d θ_old + (1 − d) θ with d = min(rate · max(s − delay, 0), max), s the optimiser steps so far
        (return_decay, lines 169-189, applied after each rollout's training, lines 1034-1039). The official decay
-       types: 1 (default) rate 0.001, max 0.5, delay 0; 2 (OCR) rate 0.0075, max 0.999, delay 75; 0 is max 0 (θ_old = θ).
+       types: 1 (default) rate 0.001, max 0.5, delay 0; 2 (OCR) rate 0.0075, max 0.999, delay 75; 0 is max 0
+       (θ_old = θ).
 Official defaults (config/nft.py, config/base.py): G = 24, 48 groups per rollout, β = 1 (0.1 for OCR and multi-reward),
 kl_weight 1e-4, c = 5, timestep_fraction 0.99 on 10 sampling steps (9 trained), global std, lr 3e-4, AdamW weight decay
 1e-4, LoRA rank 32 alpha 64, grad clip 1, one optimiser step per rollout (two for OCR).
@@ -54,13 +55,14 @@ models equal to the official x_t − σ v^±), with x_t = √ᾱ_t x0 + √(1 �
 ε̂. What differs is ∂x̂0/∂output: −σ ≥ −1 on flow models, −√(1−ᾱ_t)/√ᾱ_t for ε-prediction (−13 at SD's t = 981), so
 after the adaptive weight high-noise timesteps get more gradient on UNets; unverified beyond the tests here.
 
-Step-distilled students are refused: the method trains the flow-matching (denoising) objective at every noise level,
-which a few-step student no longer solves, and the method is not valid for them (its authors; where the paper says so
-was not checked). diffrl's signal: the few-step kernels (sample.scheduler lcm or euler_ancestral, the only ways it
-samples SD-Turbo, SDXL-Turbo, LCM-LoRA and DMD2), the trailing schedule or explicit sample.timesteps, and for flow
-students sampled with flow_euler, the model id (Turbo, schnell, Lightning, LCM, DMD).
+Step-distilled students are refused: the method trains the denoising objective at every noise level, which a few-step
+student no longer solves, and its authors call it not valid for them (as DESIGN.md reports; not in the official code or
+README, the paper's text was not checked). diffrl's signal: the few-step kernels (sample.scheduler lcm or
+euler_ancestral, the only ways it samples SD-Turbo, SDXL-Turbo, LCM-LoRA and DMD2), the trailing schedule or explicit
+sample.timesteps, and for flow students sampled with flow_euler, the model id (Turbo, schnell, Lightning, LCM, DMD).
 Deviations: checkpoints hold θ, where the official code saves and evaluates an EMA of θ (decay 0.9, lines 565-567);
-prompts group by their exact text, the official code by their CLIP-tokenised text; no inner epochs (official: 1).
+prompts group by their exact text, the official code by their CLIP-tokenised text; no inner epochs (official: 1) and
+none of the official adv_mode variants (its configs use "all", the formula above).
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def optimality_probability(advantages: Tensor, adv_clip_max: float) -> Tensor:
 
 
 def implicit_policies(theta: Tensor, old: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """(β θ + (1 − β) old, (1 + β) old − β θ): v^± from v_θ and v_old, or x̂0^± from x̂0_θ and x̂0_old (lines 934-937)."""
+    """(β θ + (1 − β) old, (1 + β) old − β θ): v^± from v_θ and v_old (lines 934-937), or x̂0^± from x̂0_θ, x̂0_old."""
     return beta * theta + (1 - beta) * old, (1 + beta) * old - beta * theta
 
 

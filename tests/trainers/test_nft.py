@@ -194,11 +194,16 @@ def trained_weights(network) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in network.named_parameters() if ".default." in name}
 
 
-@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny"])
+FAMILIES = {"tiny-sd3": [], "tiny-flux": [], "tiny-zimage": [],
+            # the SD UNet (ε-prediction, x0-parameterisation) with a black-box multistep solver: DPM-Solver++(2M)
+            "tiny": ["sample.scheduler=DPMSolverMultistepScheduler"]}
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
 def test_two_steps_on_every_family(model, tmp_path):
     """Finite metrics, a moved LoRA, rollouts by θ_old, and θ_old ← d θ_old + (1 − d) θ after each step, d = 0.001 s
     (the official default schedule, one optimiser step per trainer step)."""
-    run = build_run(fast_config(f"model={model}", *SMALL), tmp_path)
+    run = build_run(fast_config(f"model={model}", *SMALL, *FAMILIES[model]), tmp_path)
     trainer, network = run.trainer, run.sampler.network
     rollout_adapters, sample = [], run.sampler.sample
     run.sampler.sample = lambda prompts, **kwargs: rollout_adapters.append(network.active_adapters()) or sample(
@@ -279,11 +284,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 LEARNING = ["model=tiny-sd3", "trainer=nft", "nft.group_size=4", "sample.batch_size=4", "sample.num_steps=6",
             "sample.guidance_scale=1.0", "train.learning_rate=3.0e-2"]
 LEARNING_STEPS = 10
-# 10 steps of 4 prompts × G = 4 images, 6 ODE steps of which 5 are trained, lr 3e-2; measured on the fixed-seed
-# reward: brightness +0.0111, and with the reward negated −brightness +0.0074 (train.seed 1: see the report). Half the
-# smaller leaves room for another machine's rounding, and a sign error (which moves the reward by about −0.007 to
-# −0.011) or a frozen or detached LoRA (0) fails it.
-MIN_NFT_GAIN = 0.0037
+# 10 steps of 4 prompts × G = 4 images, 6 ODE steps of which 5 are trained, lr 3e-2; the fixed-seed reward rose by
+# +0.0111 (brightness) and +0.0074 (−brightness, the sign flip) with train.seed 0, +0.0102 and +0.0050 with seed 1.
+# Half the smallest leaves room for another machine's rounding, while a sign error (which moves the reward by −0.005
+# to −0.011) or a frozen or detached LoRA (0) fails it.
+MIN_NFT_GAIN = 0.0025
 
 
 @pytest.mark.slow
